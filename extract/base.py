@@ -1,0 +1,204 @@
+"""The extractor interface and registry (s3prl-style upstreams, timm-style registry).
+
+An extractor turns one modality of a batch of utterances into frame-level features::
+
+    @register
+    class LogMel(Extractor):
+        name = "logmel"; version = "1"; modality = "audio"
+        defaults = {"n_mels": 40, "hop_ms": 10}
+        @property
+        def dim(self): return self.params["n_mels"]
+        @property
+        def frame_rate(self): return 1000 / self.params["hop_ms"]
+        def extract_one(self, utt): return Output(features)
+
+Heavy imports (torch, transformers, cv2, opensmile, librosa) go inside methods so that listing
+the registry stays fast. Models load lazily in ``load()``, once per process.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import pkgutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+
+from manifests.schema import Utterance
+from pipeline.cache import config_hash
+
+MODALITIES = ("audio", "video", "text")
+
+
+@dataclass
+class Output:
+    """Features of one utterance: ``features`` (T, dim) float32; ``mask`` (T,) bool, False = frame
+    not valid (e.g. no face); ``info`` small JSON-able notes (e.g. {"truncated": true})."""
+
+    features: np.ndarray
+    mask: np.ndarray | None = None
+    info: dict = field(default_factory=dict)
+
+
+@dataclass
+class Failure:
+    """An utterance that could not be extracted; recorded in the store, the run goes on."""
+
+    reason: str
+
+
+class ExtractorUnavailable(RuntimeError):
+    """The extractor cannot run here (e.g. no weights); the message says how to get them."""
+
+
+class Extractor:
+    name: ClassVar[str]
+    version: ClassVar[str] = "1"  # bump whenever the output for the same input changes
+    modality: ClassVar[str]
+    defaults: ClassVar[dict] = {}
+    batch_size: ClassVar[int] = 16  # utterances per extract() call
+
+    def __init__(self, device: str = "cpu", **params):
+        unknown = set(params) - set(self.defaults)
+        if unknown:
+            raise ValueError(f"extractor {self.name!r}: unknown parameter(s) {sorted(unknown)}; "
+                             f"known: {sorted(self.defaults)}")
+        self.params = {**self.defaults, **params}
+        self.device = device
+        self._loaded = False
+
+    # -- description -----------------------------------------------------------------------------
+    @property
+    def dim(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def frame_rate(self) -> float | None:
+        """Frames per second, or None when frames are not time-based (tokens)."""
+        return None
+
+    def model_identity(self) -> dict:
+        """Hub id or path plus revision/hash of any model the output depends on."""
+        return {}
+
+    def config(self) -> dict:
+        """Everything the output depends on; its hash is part of the store key."""
+        return {"name": self.name, "version": self.version, "params": self.params,
+                "model": self.model_identity()}
+
+    @property
+    def key(self) -> str:
+        return f"{self.name}-{config_hash(self.config())}"
+
+    # -- running ---------------------------------------------------------------------------------
+    def load(self) -> None:
+        """Load models/weights; called once before the first extract. Raise ExtractorUnavailable."""
+
+    def ensure_loaded(self) -> None:
+        if not self._loaded:
+            self.load()
+            self._loaded = True
+
+    def extract(self, utts: list[Utterance]) -> list[Output | Failure]:
+        """Batched extraction; default loops over ``extract_one``. Per-utterance errors become
+        Failures; ExtractorUnavailable propagates (it concerns every utterance)."""
+        self.ensure_loaded()
+        out: list[Output | Failure] = []
+        for u in utts:
+            try:
+                out.append(self.extract_one(u))
+            except ExtractorUnavailable:
+                raise
+            except Exception as e:  # noqa: BLE001 - one bad file must not stop the run
+                out.append(Failure(f"{type(e).__name__}: {e}"))
+        return out
+
+    def extract_one(self, utt: Utterance) -> Output:
+        raise NotImplementedError
+
+    # -- provenance ------------------------------------------------------------------------------
+    def source(self, utt: Utterance):
+        return {"audio": utt.audio, "video": utt.video, "text": utt.text}[self.modality]
+
+    def fingerprint(self, utt: Utterance) -> str:
+        """Hash of exactly what this extractor reads for ``utt``: file content, segment and side,
+        or the transcript. A changed source gives a new fingerprint and is recomputed."""
+        src = self.source(utt)
+        h = hashlib.blake2b(digest_size=16)
+        if src is None:
+            h.update(b"<none>")
+        elif isinstance(src, str):
+            h.update(b"text:" + src.encode("utf-8", "surrogatepass"))
+        else:
+            h.update(file_digest(src.path).encode())
+            h.update(repr((src.start, src.end, src.side)).encode())
+        return h.hexdigest()
+
+
+_DIGESTS: dict[tuple, str] = {}
+
+
+def file_digest(path: str | Path) -> str:
+    """Content hash of a file, memoised per (path, size, mtime) within the process. A missing
+    file hashes to a marker so the utterance is attempted (and recorded as failed)."""
+    p = Path(path)
+    try:
+        st = p.stat()
+    except OSError:
+        return "missing:" + str(p)
+    key = (str(p), st.st_size, st.st_mtime_ns)
+    d = _DIGESTS.get(key)
+    if d is None:
+        h = hashlib.blake2b(digest_size=16)
+        with open(p, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        d = _DIGESTS[key] = h.hexdigest()
+    return d
+
+
+# ---- registry ----------------------------------------------------------------------------------
+
+_REGISTRY: dict[str, type[Extractor]] = {}
+_DISCOVERED = False
+
+
+def register(cls: type[Extractor]) -> type[Extractor]:
+    if cls.modality not in MODALITIES:
+        raise ValueError(f"{cls.__name__}: modality must be one of {MODALITIES}")
+    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
+        raise ValueError(f"extractor name {cls.name!r} registered twice")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def _discover() -> None:
+    """Import every module of the ``extract`` package once, so one new file = one new extractor."""
+    global _DISCOVERED
+    if _DISCOVERED:
+        return
+    _DISCOVERED = True
+    import extract
+
+    for m in pkgutil.iter_modules(extract.__path__):
+        if not m.name.startswith("_") and m.name != "base":
+            importlib.import_module(f"extract.{m.name}")
+
+
+def available() -> dict[str, type[Extractor]]:
+    _discover()
+    return dict(sorted(_REGISTRY.items()))
+
+
+def get(name: str) -> type[Extractor]:
+    reg = available()
+    if name not in reg:
+        raise KeyError(f"unknown extractor {name!r}; available: {', '.join(reg)}")
+    return reg[name]
+
+
+def create(name: str, device: str = "cpu", **params) -> Extractor:
+    return get(name)(device=device, **params)

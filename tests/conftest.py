@@ -1,0 +1,33 @@
+"""Shared fixtures. Every test session gets its own IMER_CACHE so the user's cache is untouched,
+and runs offline (no hub downloads)."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_cache(tmp_path_factory):
+    root = tmp_path_factory.mktemp("imer-cache")
+    old = os.environ.get("IMER_CACHE")
+    os.environ["IMER_CACHE"] = str(root)
+    yield root
+    if old is None:
+        os.environ.pop("IMER_CACHE", None)
+    else:
+        os.environ["IMER_CACHE"] = old
+
+
+@pytest.fixture(scope="session")
+def tiny_demo(tmp_path_factory):
+    """A tiny generated demo corpus (real WAV/MP4/text), shared by the whole test session.
+    Returns the path of its manifest.jsonl."""
+    from manifests import demo
+
+    out = tmp_path_factory.mktemp("demo-tiny")
+    return demo.generate(out, seed=0, size="tiny")
