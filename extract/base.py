@@ -60,6 +60,7 @@ class Extractor:
     modality: ClassVar[str]
     defaults: ClassVar[dict] = {}
     batch_size: ClassVar[int] = 16  # utterances per extract() call
+    default: ClassVar[bool] = False  # part of `imer features`' default set (skipped, with its reason, if unavailable)
 
     def __init__(self, device: str = "cpu", **params):
         unknown = set(params) - set(self.defaults)
