@@ -61,6 +61,9 @@ class Extractor:
     defaults: ClassVar[dict] = {}
     batch_size: ClassVar[int] = 16  # utterances per extract() call
     default: ClassVar[bool] = False  # part of `imer features`' default set (skipped, with its reason, if unavailable)
+    # Upstream stages this one reads (e.g. visual extractors read the `faces` track). The runner
+    # extracts them first and puts their opened stores in ``self.upstream[name]``.
+    requires: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, device: str = "cpu", **params):
         unknown = set(params) - set(self.defaults)
@@ -70,6 +73,7 @@ class Extractor:
         self.params = {**self.defaults, **params}
         self.device = device
         self._loaded = False
+        self.upstream: dict = {}
 
     # -- description -----------------------------------------------------------------------------
     @property
@@ -87,8 +91,11 @@ class Extractor:
 
     def config(self) -> dict:
         """Everything the output depends on; its hash is part of the store key."""
-        return {"name": self.name, "version": self.version, "params": self.params,
-                "model": self.model_identity()}
+        cfg = {"name": self.name, "version": self.version, "params": self.params,
+               "model": self.model_identity()}
+        if self.requires:  # a changed upstream stage changes this stage's key too
+            cfg["upstream"] = {n: create(n).key for n in self.requires}
+        return cfg
 
     @property
     def key(self) -> str:
