@@ -1,0 +1,64 @@
+"""Build a dataset's manifest and fold files from its raw layout, and print its counts.
+
+Writes $IMER_CACHE/manifests/<dataset>/manifest.jsonl and folds-<protocol>.json, then prints the
+counts per label, speaker and fold. Examples:
+
+  imer manifest --dataset iemocap --data-root /data/IEMOCAP_full_release
+  imer manifest --dataset msp-improv --data-root /data/MSP-IMPROV
+  imer manifest --dataset mosi --data-root /data/CMU-MOSI            (the folder holding Raw/)
+  imer manifest --dataset mosei --data-root /data/CMU-MOSEI --labels sentiment.csv
+  imer manifest --dataset own --manifest my_corpus.csv --folds-k 5
+  imer manifest --dataset iemocap --show                             (counts of the cached one)
+"""
+
+from __future__ import annotations
+
+import sys
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--dataset", required=True, help="iemocap, msp-improv, mosi, mosei, own, demo, or an imported dataset")
+    p.add_argument("--data-root", help="the corpus folder (see the dataset's layout in README)")
+    p.add_argument("--manifest", help="own: your CSV/JSONL listing the utterances (id required; "
+                                      "audio, video, text, label, value, speaker optional)")
+    p.add_argument("--folds-k", type=int, default=5, help="own: number of folds (default 5)")
+    p.add_argument("--seed", type=int, default=0, help="seed of random fold assignments (default 0)")
+    p.add_argument("--splits", help="mosi/mosei: JSON {train, valid, test: [video ids]} instead of the CMU SDK's standard lists")
+    p.add_argument("--labels", help="mosei: label CSV start,end,video_id,segment_no,label instead of Labels/*.csd")
+    p.add_argument("--accept-counts", action="store_true",
+                   help="build even though a complete-looking corpus has counts that differ from the documented ones")
+    p.add_argument("--show", action="store_true", help="print the counts of the cached manifest without rebuilding")
+
+
+def main(args) -> int:
+    from manifests._common import summary
+    from manifests.datasets import build_manifest, load_folds, manifest_dir, protocols
+    from manifests.schema import ManifestError, read_manifest
+
+    try:
+        if args.show:
+            path = manifest_dir(args.dataset) / "manifest.jsonl"
+        else:
+            options = {"seed": args.seed, "accept_counts": args.accept_counts}
+            if args.manifest:
+                options["source"] = args.manifest
+            if args.dataset == "own":
+                options["k"] = args.folds_k
+            if args.splits:
+                options["splits"] = args.splits
+            if args.labels:
+                options["labels"] = args.labels
+            path = build_manifest(args.dataset, args.data_root, **options)
+        m = read_manifest(path)
+        folds = {}
+        for proto in protocols(args.dataset):
+            try:
+                folds[proto] = load_folds(args.dataset, proto)[1]
+            except ManifestError:
+                pass
+    except ManifestError as e:
+        print(f"imer manifest: {e}", file=sys.stderr)
+        return 2
+    print(f"{args.dataset}: {path}")
+    print(summary(m.utterances, folds))
+    return 0
