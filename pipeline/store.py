@@ -522,4 +522,22 @@ def stale_dirs(dataset: str | None = None) -> list[Path]:
     root = cache_root() / "stores"
     pats = ("*.tmp-*", "*.gc-*", "*.old-*")
     dirs = [root / dataset] if dataset else [p for p in root.glob("*") if p.is_dir()]
-    return sorted(p for d in dirs for pat in pats for p in d.glob(pat) if p.is_dir())
+    out = []
+    for p in sorted(p for d in dirs for pat in pats for p in d.glob(pat) if p.is_dir()):
+        pid = p.name.rsplit("-", 1)[-1]
+        # keep what a live process may still be writing (the pid test only holds on this host,
+        # so also wait a while since the last change)
+        if pid.isdigit() and (_alive(int(pid)) or time.time() - p.stat().st_mtime < 600):
+            continue
+        out.append(p)
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by someone else
+        return True
+    return True

@@ -1,0 +1,423 @@
+"""Stage runner: plan which (extractor, utterance) pairs are missing from the stores, extract them
+(in-process, or in parallel with dask), commit results in batches, and summarise.
+
+Planning reads only fingerprints (file content hashes, remembered across runs by path, size,
+mtime, ctime and inode), so a run with nothing to do starts no cluster and loads no model.
+Results always come back to this process, which is the only writer of its run; the store's lock
+keeps it safe next to other processes writing the same store.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from extract import base
+from extract.base import Extractor, ExtractorUnavailable, Failure
+from manifests.schema import Manifest, Utterance
+from pipeline.cache import cache_root
+from pipeline.store import FeatureStore, store_path
+
+
+@dataclass
+class Summary:
+    """What one extractor's stage did in a run."""
+
+    extractor: str
+    key: str | None = None
+    path: Path | None = None
+    computed: int = 0
+    cached: int = 0
+    failed: dict[str, str] = field(default_factory=dict)  # failed in this run: id -> reason
+    failed_before: dict[str, str] = field(default_factory=dict)  # failed earlier, same source (not retried)
+    no_source: int = 0  # utterances without this modality in the manifest (missing by design)
+    skipped: str | None = None  # why the stage did not run (extractor unavailable)
+    seconds: float = 0.0
+
+    @property
+    def all_failed(self) -> dict[str, str]:
+        return {**self.failed_before, **self.failed}
+
+    def line(self) -> str:
+        if self.skipped:
+            return f"{self.extractor}: skipped: {self.skipped}"
+        s = (f"{self.key}: computed {self.computed}, cached {self.cached}, failed {len(self.failed)}"
+             + (f" (+{len(self.failed_before)} failed earlier, not retried)" if self.failed_before else "")
+             + (f", without this modality {self.no_source}" if self.no_source else "")
+             + f" in {self.seconds:.1f} s -> {self.path}")
+        for uid, why in list(self.all_failed.items())[:20]:
+            s += f"\n  failed {uid}: {why}"
+        if len(self.all_failed) > 20:
+            s += f"\n  ... {len(self.all_failed) - 20} more (see FeatureStore.failures())"
+        return s
+
+
+class StrictFailure(RuntimeError):
+    """``strict=True`` and some utterances failed; ``.summaries`` holds the run's summaries."""
+
+    def __init__(self, msg: str, summaries: list[Summary]):
+        super().__init__(msg)
+        self.summaries = summaries
+
+
+# ---- extractor specs ---------------------------------------------------------------------------
+
+def parse_specs(text: str) -> list[dict]:
+    """``"a,b:k=v,k2=v2,c"`` -> [{"name": "a", "params": {}}, {"name": "b", "params": {k, k2}}, ...].
+    A comma-separated ``key=value`` without a colon belongs to the extractor before it; values are
+    YAML scalars (``64`` -> int, ``true`` -> bool, ``null`` -> None)."""
+    import yaml
+
+    out: list[dict] = []
+    for tok in (t.strip() for t in text.split(",")):
+        if not tok:
+            continue
+        if "=" in tok and ":" not in tok.split("=", 1)[0]:
+            if not out:
+                raise ValueError(f"--extractors {text!r}: parameter {tok!r} comes before any extractor name; "
+                                 "write name:key=value,key2=value")
+            kv = tok
+        else:
+            name, _, kv = tok.partition(":")
+            out.append({"name": name.strip(), "params": {}})
+            if not kv:
+                continue
+        k, eq, v = kv.partition("=")
+        if not eq or not k.strip():
+            raise ValueError(f"--extractors {text!r}: {kv!r} is not key=value")
+        out[-1]["params"][k.strip()] = yaml.safe_load(v) if v.strip() else ""
+    return out
+
+
+def make_extractor(spec: str | dict, device: str = "cpu") -> Extractor:
+    """An extractor from a name, a ``"name:k=v"`` string or ``{"name": ..., "params": {...}}``."""
+    if isinstance(spec, str):
+        specs = parse_specs(spec)
+        if len(specs) != 1:
+            raise ValueError(f"expected one extractor spec, got {spec!r}")
+        spec = specs[0]
+    return base.create(spec["name"], device=device, **dict(spec.get("params") or {}))
+
+
+def default_extractors(device: str = "cpu") -> list[Extractor]:
+    return [cls(device=device) for cls in base.available().values() if getattr(cls, "default", False)]
+
+
+# ---- remembered file digests -------------------------------------------------------------------
+
+def _digest_file(dataset: str) -> Path:
+    return cache_root() / "stores" / dataset / "_digests.json"
+
+
+def _media_paths(manifest: Manifest) -> set[str]:
+    return {m.path for u in manifest for m in (u.audio, u.video) if m is not None}
+
+
+def _stat_key(st) -> list:
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+
+
+def _prime_digests(manifest: Manifest) -> dict:
+    """Feed remembered content hashes of unchanged files (same size, mtime, ctime and inode: a
+    rewrite changes ctime) to extract.base's per-process memo, so a no-op run hashes nothing."""
+    try:
+        saved = json.loads(_digest_file(manifest.dataset).read_text())
+    except (OSError, ValueError):
+        saved = {}
+    for p in _media_paths(manifest):
+        rec = saved.get(p)
+        if not rec:
+            continue
+        try:
+            st = os.stat(p)
+        except OSError:
+            continue
+        if rec[:4] == _stat_key(st):
+            base._DIGESTS.setdefault((p, st.st_size, st.st_mtime_ns), rec[4])
+    return saved
+
+
+def _save_digests(manifest: Manifest, saved: dict) -> None:
+    new = dict(saved)
+    for p in _media_paths(manifest):
+        try:
+            st = os.stat(p)
+        except OSError:
+            continue
+        d = base._DIGESTS.get((p, st.st_size, st.st_mtime_ns))
+        if d is not None:
+            new[p] = _stat_key(st) + [d]
+    if new == saved:
+        return
+    path = _digest_file(manifest.dataset)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(new))
+        tmp.replace(path)
+    except OSError:
+        pass  # only a speed-up: a read-only cache still works
+
+
+# ---- planning ----------------------------------------------------------------------------------
+
+def store_attrs(ext: Extractor, dataset: str) -> dict:
+    return {"extractor": ext.name, "version": ext.version, "params": ext.params, "model": ext.model_identity(),
+            "config": ext.config(), "key": ext.key, "modality": ext.modality, "dataset": dataset,
+            "frame_rate": ext.frame_rate}
+
+
+def plan(ext: Extractor, manifest: Manifest, store: FeatureStore | None, retry_failed: bool = False):
+    """(todo [(utt, fingerprint)], cached, failed_before {id: reason}, no_source)."""
+    state = store.state() if store is not None else {}
+    fails = store.failures() if store is not None else {}
+    todo, cached, failed_before, no_source = [], 0, {}, 0
+    for u in manifest:
+        if ext.source(u) is None:
+            no_source += 1
+            continue
+        fp = ext.fingerprint(u)
+        have = state.get(u.id)
+        if have is not None and have[0] == fp and (have[1] or not retry_failed):
+            if have[1]:
+                cached += 1
+            else:
+                failed_before[u.id] = fails[u.id]["reason"]
+        else:
+            todo.append((u, fp))
+    return todo, cached, failed_before, no_source
+
+
+def _with_upstream(extractors: list[Extractor]) -> list[Extractor]:
+    """Extractors in run order, each after the stages it ``requires`` (created with their defaults,
+    as Extractor.config() assumes); one instance per store key."""
+    order: list[Extractor] = []
+    by_key: dict[str, Extractor] = {}
+
+    def add(ext: Extractor, chain: tuple = ()):
+        if ext.name in chain:
+            raise ValueError(f"extractor dependency cycle: {' -> '.join(chain + (ext.name,))}")
+        if ext.key in by_key:
+            return by_key[ext.key]
+        for n in ext.requires:
+            add(base.create(n, device=ext.device), chain + (ext.name,))
+        by_key[ext.key] = ext
+        order.append(ext)
+        return ext
+
+    for e in extractors:
+        add(e)
+    return order
+
+
+# ---- execution ---------------------------------------------------------------------------------
+
+def _extract_safely(ext: Extractor, utts: list[Utterance]) -> list:
+    """ext.extract(utts); if the whole batch raises, retry one by one so one bad file fails alone."""
+    try:
+        res = ext.extract(utts)
+        if len(res) != len(utts):
+            raise RuntimeError(f"extractor {ext.name!r} returned {len(res)} results for {len(utts)} utterances")
+        return res
+    except ExtractorUnavailable:
+        raise
+    except Exception as e:  # noqa: BLE001
+        if len(utts) == 1:
+            return [Failure(f"{type(e).__name__}: {e}")]
+        return [r for u in utts for r in _extract_safely(ext, [u])]
+
+
+_WORKER_EXTRACTORS: dict = {}
+_WORKER_LOCK = threading.Lock()
+
+
+def _work(token: str, recipe: tuple, utts: list[Utterance]) -> list:
+    """Runs on a dask worker: build (once per worker thread and run) and load the extractor, extract."""
+    cls, device, params, upstream = recipe
+    key = (token, threading.get_ident())
+    with _WORKER_LOCK:
+        ext = _WORKER_EXTRACTORS.get(key)
+        if ext is None:
+            for k in [k for k in _WORKER_EXTRACTORS if k[0] != token]:
+                del _WORKER_EXTRACTORS[k]  # a finished run's models
+            ext = _WORKER_EXTRACTORS[key] = cls(device=device, **params)
+            ext.upstream = {n: FeatureStore.open(p) for n, p in upstream.items()}
+    ext.ensure_loaded()
+    return [(u.id, r) for u, r in zip(utts, _extract_safely(ext, utts))]
+
+
+class _Cluster:
+    """A dask.distributed client, started on first use (a run with nothing to do starts none)."""
+
+    def __init__(self, workers: int, scheduler: str | None, processes: bool):
+        self.workers, self.scheduler, self.processes = workers, scheduler, processes
+        self.client = self.cluster = None
+
+    def get(self):
+        if self.client is None:
+            import logging
+
+            from distributed import Client, LocalCluster
+
+            if self.scheduler:
+                self.client = Client(self.scheduler)
+            else:
+                self.cluster = LocalCluster(n_workers=self.workers, threads_per_worker=1, processes=self.processes,
+                                            dashboard_address=None, silence_logs=logging.ERROR)
+                self.client = Client(self.cluster)
+        return self.client
+
+    def close(self):
+        if self.client is not None:
+            self.client.close()
+        if self.cluster is not None:
+            self.cluster.close()
+
+
+def _batches(todo: list, size: int) -> list[list]:
+    size = max(1, int(size))
+    return [todo[i:i + size] for i in range(0, len(todo), size)]
+
+
+def _run_stage(ext: Extractor, store: FeatureStore, todo: list, summ: Summary, cluster: _Cluster | None,
+               bar) -> None:
+    fps = {u.id: fp for u, fp in todo}
+
+    def commit(results: list) -> None:
+        written = set(store.commit({uid: (r, fps[uid]) for uid, r in results}))
+        failures = store.failures()
+        for uid, r in results:
+            if uid not in written:
+                summ.cached += 1  # another process committed it meanwhile
+            elif uid in failures:
+                summ.failed[uid] = failures[uid]["reason"]
+            else:
+                summ.computed += 1
+        bar.update(len(results))
+
+    batches = _batches([u for u, _ in todo], ext.batch_size)
+    if cluster is None:
+        ext.ensure_loaded()
+        for b in batches:
+            commit(list(zip([u.id for u in b], _extract_safely(ext, b))))
+        return
+    from distributed import as_completed
+
+    client = cluster.get()
+    recipe = (type(ext), ext.device, dict(ext.params), {n: str(s.path) for n, s in ext.upstream.items()})
+    token = uuid.uuid4().hex
+    futures = [client.submit(_work, token, recipe, b, pure=False) for b in batches]
+    try:
+        for fut in as_completed(futures):
+            commit(fut.result())
+            fut.release()
+    finally:
+        client.cancel([f for f in futures if not f.done()])
+
+
+def run_features(manifest: Manifest, extractors: list[Extractor], *, workers: int = 1, scheduler: str | None = None,
+                 strict: bool = False, progress: bool = True, required: bool = True, retry_failed: bool = False,
+                 processes: bool = True, dtype: str = "float32") -> list[Summary]:
+    """Bring every extractor's store for ``manifest.dataset`` up to date with ``manifest``.
+
+    ``workers`` > 1 or a ``scheduler`` address runs batches on dask.distributed (local worker
+    processes, or threads with ``processes=False``); otherwise in this process. An extractor that
+    raises ExtractorUnavailable propagates when ``required``, else its summary says "skipped: why"
+    (stages that need it are skipped too). ``strict`` raises StrictFailure once everything is
+    committed if any utterance failed (now or, same source, earlier)."""
+    from tqdm.auto import tqdm
+
+    summaries: list[Summary] = []
+    unavailable: dict[str, str] = {}
+    cluster = _Cluster(workers, scheduler, processes) if (workers > 1 or scheduler) else None
+    saved = _prime_digests(manifest)
+    try:
+        for ext in _with_upstream(extractors):
+            t0 = time.perf_counter()
+            path = store_path(manifest.dataset, ext.key, dtype)
+            summ = Summary(ext.name, ext.key, path)
+            summaries.append(summ)
+            missing = [n for n in ext.requires if n in unavailable]
+            if missing:
+                summ.skipped = f"needs {missing[0]}, which is unavailable: {unavailable[missing[0]]}"
+                unavailable[ext.name] = summ.skipped
+                continue
+            store = FeatureStore.open(path) if (path / "zarr.json").is_file() else None
+            todo, summ.cached, summ.failed_before, summ.no_source = plan(ext, manifest, store, retry_failed)
+            if todo and ext.requires:
+                ups = {n: store_path(manifest.dataset, base.create(n).key, dtype) for n in ext.requires}
+                absent = [n for n, p in ups.items() if not (p / "zarr.json").is_file()]
+                if absent:  # the upstream stage had nothing it could extract
+                    summ.skipped = f"upstream stage {absent[0]!r} has no store for {manifest.dataset}"
+                    continue
+                ext.upstream = {n: FeatureStore.open(p) for n, p in ups.items()}
+            if todo:
+                try:
+                    _resolve_device(ext)
+                    if store is None:
+                        store = FeatureStore.open_or_create(path, dim=_dim(ext), attrs=store_attrs(ext, manifest.dataset),
+                                                            dtype=dtype)
+                    with tqdm(total=len(todo), desc=ext.name, unit="utt", disable=not progress,
+                              file=sys.stderr) as bar:
+                        _run_stage(ext, store, todo, summ, cluster, bar)
+                except ExtractorUnavailable as e:
+                    if required:
+                        raise
+                    summ.skipped = str(e)
+                    unavailable[ext.name] = str(e)
+            summ.seconds = time.perf_counter() - t0
+    finally:
+        if cluster is not None:
+            cluster.close()
+        _save_digests(manifest, saved)
+    if strict:
+        bad = {s.key: s.all_failed for s in summaries if s.all_failed}
+        if bad:
+            n = sum(len(v) for v in bad.values())
+            raise StrictFailure(f"{n} utterance(s) failed extraction in {', '.join(bad)} (--strict)", summaries)
+    return summaries
+
+
+def _resolve_device(ext: Extractor) -> None:
+    """'auto' -> cuda|cpu, only for stages with work: resolving imports torch, which a no-op run skips."""
+    if ext.device == "auto":
+        from pipeline.device import resolve_device
+
+        ext.device = resolve_device("auto")
+
+
+def _dim(ext: Extractor) -> int:
+    """The extractor's feature width; some know it only once their model is loaded."""
+    try:
+        return int(ext.dim)
+    except Exception:  # noqa: BLE001
+        ext.ensure_loaded()
+        return int(ext.dim)
+
+
+def ensure_features(dataset: str, specs: dict[str, str | dict], *, device: str = "auto", data_root=None,
+                    manifest=None, workers: int = 1, progress: bool = True) -> dict[str, FeatureStore]:
+    """Stores for ``specs`` ({modality: extractor name | "name:k=v" | {"name", "params"}}) on
+    ``dataset``, extracting whatever is missing first; returns {modality: FeatureStore}."""
+    from manifests.datasets import load_manifest
+    from pipeline.device import resolve_device
+
+    man = load_manifest(dataset, data_root, manifest)
+    man.dataset = dataset
+    dev = device if device == "auto" else resolve_device(device)  # 'auto' resolves once there is work
+    exts = {}
+    for mod, spec in specs.items():
+        ext = make_extractor(spec, dev)
+        if mod in base.MODALITIES and ext.modality != mod:
+            raise ValueError(f"extractor {ext.name!r} is a {ext.modality} extractor, not {mod}")
+        exts[mod] = ext
+    for s in run_features(man, list(exts.values()), workers=workers, progress=progress):
+        if s.computed or s.failed:
+            print(f"imer: {s.line()}", file=sys.stderr)
+    return {mod: FeatureStore.open(store_path(man.dataset, ext.key)) for mod, ext in exts.items()}
