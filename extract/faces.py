@@ -65,6 +65,15 @@ def align_face(frame: np.ndarray, points: np.ndarray, size: int) -> np.ndarray:
     return cv2.warpAffine(frame, m, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
 
 
+def gray_faces(crops: np.ndarray, size: int) -> np.ndarray:
+    """(N, S, S, 3) uint8 RGB aligned crops -> (N, size, size) uint8 gray (area resampling, which
+    averages rather than skips pixels when shrinking)."""
+    import cv2
+
+    return np.stack([cv2.resize(cv2.cvtColor(c, cv2.COLOR_RGB2GRAY), (size, size), interpolation=cv2.INTER_AREA)
+                     for c in crops])
+
+
 @register
 class Faces(Extractor):
     """MTCNN face track: one face per frame, [prob, box, 5 landmarks] (dim 15), mask = face found."""
@@ -158,9 +167,11 @@ class FaceFeatureExtractor(Extractor):
         return self._track_fps()
 
     def _track_fps(self) -> float | None:
-        # The runner extracts the upstream stage with its default parameters (see Extractor.config),
-        # so the frames of the track are the default faces stage's frames.
-        return Faces.defaults["fps"]
+        """The rate the faces track was extracted at: its store's recorded params, else the faces
+        stage's default (what the runner extracts upstream stages with, see Extractor.config)."""
+        attrs = getattr(self.upstream.get("faces"), "attrs", None) or {}
+        params = attrs.get("params") or {}
+        return params["fps"] if "fps" in params else Faces.defaults["fps"]
 
     def embed(self, crops: np.ndarray, rows: np.ndarray, frame_size: tuple[int, int]) -> np.ndarray:
         raise NotImplementedError
@@ -212,9 +223,9 @@ class FaceFeatureExtractor(Extractor):
         try:
             track = np.asarray(store[utt.id], np.float32)
             mask = np.array(store.mask(utt.id), bool)  # a copy: frames that fail alignment are unset
-        except KeyError:
-            raise ValueError(f"{utt.id}: no faces track (the faces stage failed for this utterance; "
-                             "see its failure reason in the faces store)") from None
+        except KeyError as e:
+            raise ValueError(f"{utt.id}: no faces track ({e.args[0] if e.args else 'missing'}); "
+                             "the faces stage must succeed for an utterance before its face features") from None
         if track.ndim != 2 or track.shape[1] != len(TRACK_COLUMNS) or mask.shape != (len(track),):
             raise ValueError(f"{utt.id}: faces track has shape {track.shape} / mask {mask.shape}, expected "
                              f"(T, {len(TRACK_COLUMNS)}) / (T,); re-extract faces")

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from extract.base import ExtractorUnavailable, file_digest, register
-from extract.faces import FaceFeatureExtractor
+from extract.faces import FaceFeatureExtractor, gray_faces
 
 EMOTIONS = ("angry", "disgust", "fear", "happy", "sad", "surprise", "neutral")  # FER2013 label order
 INPUT_SIZE = 64
@@ -158,14 +158,6 @@ def load_keras_weights(model, path: str | Path) -> None:
         conv(model.head, "conv2d_7")
 
 
-def faces_to_gray64(crops: np.ndarray) -> np.ndarray:
-    """(N, S, S, 3) uint8 RGB aligned crops -> (N, 64, 64) uint8 gray (area resampling)."""
-    import cv2
-
-    return np.stack([cv2.resize(cv2.cvtColor(c, cv2.COLOR_RGB2GRAY), (INPUT_SIZE, INPUT_SIZE),
-                                interpolation=cv2.INTER_AREA) for c in crops])
-
-
 @register
 class FerCnn(FaceFeatureExtractor):
     """128-dim penultimate activations of `fer`'s FER2013 mini-Xception on each aligned face."""
@@ -210,9 +202,9 @@ class FerCnn(FaceFeatureExtractor):
         return feats.float().cpu().numpy(), torch.softmax(logits.float(), -1).cpu().numpy()
 
     def embed(self, crops, rows, frame_size):
-        return self._forward(faces_to_gray64(crops))[0]
+        return self._forward(gray_faces(crops, INPUT_SIZE))[0]
 
     def predict(self, crops: np.ndarray) -> np.ndarray:
         """Class probabilities (N, 7) in EMOTIONS order for aligned RGB crops (N, S, S, 3)."""
         self.ensure_loaded()
-        return self._forward(faces_to_gray64(crops))[1]
+        return self._forward(gray_faces(crops, INPUT_SIZE))[1]
