@@ -360,6 +360,8 @@ def run_features(manifest: Manifest, extractors: list[Extractor], *, workers: in
             if todo:
                 try:
                     _resolve_device(ext)
+                    if cluster is None:
+                        ext.ensure_loaded()  # before creating the store: no empty store for an unavailable one
                     if store is None:
                         store = FeatureStore.open_or_create(path, dim=_dim(ext), attrs=store_attrs(ext, manifest.dataset),
                                                             dtype=dtype)

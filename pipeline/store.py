@@ -358,7 +358,8 @@ class FeatureStore:
         x = np.asarray(res.features)
         if x.ndim != 2 or x.shape[1] != self.dim:
             return f"extractor returned features of shape {x.shape}, expected (frames, {self.dim})"
-        y = x.astype(self.dtype)
+        with np.errstate(over="ignore", invalid="ignore"):  # overflow is reported just below
+            y = x.astype(self.dtype)
         if not np.all(np.isfinite(y)):
             return f"non-finite values (NaN/Inf) in features{' after float16 conversion' if np.all(np.isfinite(x)) else ''}"
         m = np.ones(len(y), bool) if res.mask is None else np.asarray(res.mask, dtype=bool).reshape(-1)
