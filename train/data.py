@@ -1,0 +1,425 @@
+"""The data module: per-utterance frame sequences of the three modalities, labels, padded batches.
+
+Utterances keep their place even when a modality is missing (absent from its store, failed, or
+with no valid frame: no face in the whole video, an empty transcript): that modality's length is 0
+and its ``natural`` presence flag False; in a batch it becomes a single zero frame (MMIN's
+Denseface convention), so every encoder sees at least one step.
+
+Sequences are held in memory as one concatenated (F, D) array + offsets per modality (the
+feature stores' own layout); a store too large for the memory budget is read per batch instead.
+Normalisation statistics come from the training fold only (``Normalizer.fit(data, train_idx)``).
+
+A batch is a dict::
+
+    x:          {m: (B, T_m, D_m) float32}   padded with zeros, normalised, m in ("a", "v", "t")
+    lengths:    {m: (B,) int64}               frames the encoder reads (>= 1)
+    frame_mask: {m: (B, T_m) bool}            True on real, valid frames
+    natural:    (B, 3) bool                   the modality exists for this utterance
+    present:    (B, 3) bool                   natural & kept by the missing condition
+    y:          (B,) int64 class index | float32 regression value
+    index:      (B,) int64 rows in the data module; ids: list[str]
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from train.conditions import MODALITIES
+
+STORE_MODALITY = {"a": "audio", "v": "video", "t": "text"}
+
+
+class DataError(ValueError):
+    """Data that cannot be trained on; the message says which file or id and what to do."""
+
+
+@dataclass
+class DataSpec:
+    """What a method needs to know about the data to build itself."""
+
+    dims: dict[str, int]
+    task: str = "classification"  # or "regression"
+    labels: list[str] | None = None
+
+    @property
+    def n_classes(self) -> int | None:
+        return len(self.labels) if self.labels is not None else None
+
+    @property
+    def out_dim(self) -> int:
+        return self.n_classes if self.task == "classification" else 1
+
+    def to_json(self) -> dict:
+        return {"dims": self.dims, "task": self.task, "labels": self.labels}
+
+
+class Sequences:
+    """One modality of N utterances: utterance i's frames are ``data[offsets[i]:offsets[i]+lengths[i]]``
+    (length 0 = absent). In memory, or read through ``reader(i) -> (T, D)`` when lazy."""
+
+    def __init__(self, data: np.ndarray | None, offsets: np.ndarray, lengths: np.ndarray, dim: int,
+                 reader=None):
+        self.data = data
+        self.offsets = np.asarray(offsets, dtype=np.int64)
+        self.lengths = np.asarray(lengths, dtype=np.int64)
+        self.dim = int(dim)
+        self.reader = reader
+        if data is None and reader is None:
+            raise ValueError("Sequences need in-memory data or a reader")
+
+    @classmethod
+    def from_list(cls, seqs: list, dim: int | None = None) -> "Sequences":
+        """From a list of (T, D) arrays or None (absent)."""
+        dims = {s.shape[1] for s in seqs if s is not None and len(s)}
+        if dim is None:
+            if len(dims) != 1:
+                raise DataError(f"cannot infer the feature dim from sequences of dims {sorted(dims)}")
+            dim = dims.pop()
+        elif dims - {dim}:
+            raise DataError(f"sequences of dims {sorted(dims)} given for a modality of dim {dim}")
+        lengths = np.array([0 if s is None else len(s) for s in seqs], dtype=np.int64)
+        offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+        parts = [np.asarray(s, dtype=np.float32) for s in seqs if s is not None and len(s)]
+        data = np.concatenate(parts) if parts else np.zeros((0, dim), np.float32)
+        return cls(data, offsets, lengths, dim)
+
+    @property
+    def in_memory(self) -> bool:
+        return self.data is not None
+
+    def seq(self, i: int) -> np.ndarray:
+        if self.lengths[i] == 0:
+            return np.zeros((0, self.dim), np.float32)
+        if self.data is not None:
+            o = self.offsets[i]
+            return self.data[o:o + self.lengths[i]]
+        return self.reader(i)
+
+    def nbytes(self) -> int:
+        return int(self.lengths.sum()) * self.dim * 4
+
+
+def _compact(data: np.ndarray, mask: np.ndarray, offsets: np.ndarray, lengths: np.ndarray):
+    """Drop invalid frames (mask False) and recompute offsets/lengths."""
+    if mask is None or mask.all():
+        return data, offsets, lengths
+    cs = np.concatenate([[0], np.cumsum(mask, dtype=np.int64)])
+    valid = cs[offsets + lengths] - cs[offsets]
+    new_off = np.concatenate([[0], np.cumsum(valid)[:-1]]).astype(np.int64)
+    return data[mask], new_off, valid
+
+
+@dataclass
+class Normalizer:
+    """Per-modality frame mean/std, fitted on the training fold's frames only."""
+
+    mean: dict[str, np.ndarray] = field(default_factory=dict)
+    std: dict[str, np.ndarray] = field(default_factory=dict)
+
+    @classmethod
+    def fit(cls, data: "MultimodalData", train_idx, modalities=MODALITIES, chunk: int = 256) -> "Normalizer":
+        """Statistics over every frame of the given training utterances (Chan's pairwise
+        combination of chunk statistics, in float64, so large corpora need no full copy)."""
+        norm = cls()
+        train_idx = np.asarray(train_idx, dtype=np.int64)
+        for m in modalities:
+            s = data.seqs[m]
+            n_tot, mean, m2 = 0, np.zeros(s.dim), np.zeros(s.dim)
+            rows = train_idx[s.lengths[train_idx] > 0]
+            for start in range(0, len(rows), chunk):
+                block = [s.seq(i) for i in rows[start:start + chunk]]
+                x = np.concatenate(block).astype(np.float64)
+                n_b, mean_b = len(x), x.mean(0)
+                m2_b = ((x - mean_b) ** 2).sum(0)
+                delta = mean_b - mean
+                tot = n_tot + n_b
+                mean = mean + delta * n_b / tot
+                m2 = m2 + m2_b + delta ** 2 * n_tot * n_b / tot
+                n_tot = tot
+            if n_tot == 0:
+                continue  # no training frame: leave this modality unnormalised
+            std = np.sqrt(m2 / n_tot)
+            std[std < 1e-8] = 1.0  # constant features: avoid dividing by zero
+            norm.mean[m] = mean.astype(np.float32)
+            norm.std[m] = std.astype(np.float32)
+        return norm
+
+    def to_dict(self) -> dict:
+        return {"mean": {m: v.tolist() for m, v in self.mean.items()},
+                "std": {m: v.tolist() for m, v in self.std.items()}}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Normalizer":
+        return cls({m: np.asarray(v, np.float32) for m, v in d.get("mean", {}).items()},
+                   {m: np.asarray(v, np.float32) for m, v in d.get("std", {}).items()})
+
+
+class MultimodalData:
+    """N labelled utterances with up to three modalities. Build it with ``from_arrays`` (tests,
+    synthetic data) or ``from_stores`` (feature stores + manifest)."""
+
+    def __init__(self, ids: list[str], y, seqs: dict[str, Sequences], labels: list[str] | None = None,
+                 task: str = "classification", signature: str | None = None, max_len: dict | None = None,
+                 fixed_len: bool = False):
+        self.ids = list(ids)
+        self.index = {u: i for i, u in enumerate(self.ids)}
+        if len(self.index) != len(self.ids):
+            raise DataError("duplicate utterance ids in the data")
+        self.task = task
+        self.y = np.asarray(y, dtype=np.int64 if task == "classification" else np.float32)
+        self.labels = labels
+        missing = [m for m in MODALITIES if m not in seqs]
+        if missing:
+            raise DataError(f"modalities {missing} have no sequences; give every one of a, v, t")
+        self.seqs = seqs
+        for m, s in seqs.items():
+            if len(s.lengths) != len(self.ids):
+                raise DataError(f"modality {m}: {len(s.lengths)} sequences for {len(self.ids)} utterances")
+        if task == "classification" and labels is not None and len(self.y) and (self.y.min() < 0 or self.y.max() >= len(labels)):
+            raise DataError(f"class indices must lie in [0, {len(labels)}); got {self.y.min()}..{self.y.max()}")
+        self.max_len = {m: int(v) for m, v in (max_len or {}).items() if v}
+        self.fixed_len = fixed_len
+        self.signature = signature or self._content_signature()
+        self.access_log: list[np.ndarray] | None = None  # set to [] to record every collated row
+
+    # ---- construction ----------------------------------------------------------------------------
+    @classmethod
+    def from_arrays(cls, ids, y, seqs: dict[str, list], labels=None, task="classification",
+                    masks: dict[str, list] | None = None, invalid_frames: str = "drop", **kw) -> "MultimodalData":
+        """``seqs[m]`` is a list of (T, D) arrays (or None = absent) per utterance; ``masks[m]`` an
+        optional list of (T,) bool frame-validity masks (False = e.g. no face in that frame)."""
+        out = {}
+        for m in MODALITIES:
+            lst = list(seqs[m])
+            if masks and masks.get(m) is not None:
+                lst = [_apply_mask(s, k, invalid_frames) for s, k in zip(lst, masks[m])]
+            out[m] = Sequences.from_list(lst)
+        return cls(ids, y, out, labels=labels, task=task, **kw)
+
+    @classmethod
+    def from_stores(cls, manifest, stores: dict, *, invalid_frames: str = "drop",
+                    memory_budget: int | None = None, **kw) -> "MultimodalData":
+        """One row per labelled manifest utterance; ``stores`` maps "audio"/"video"/"text" (or
+        "a"/"v"/"t") to feature stores (``.load() -> LoadedStore``, ``.get(id)``, ``.get_mask(id)``,
+        ``.failures()``). Utterances absent from a store, failed, or without a valid frame get
+        that modality marked missing; they are never dropped."""
+        classification = manifest.labels is not None
+        utts = [u for u in manifest if (u.label_index is not None if classification else u.value is not None)]
+        skipped = len(manifest) - len(utts)
+        if skipped:
+            warnings.warn(f"{manifest.path or manifest.dataset}: {skipped} utterance(s) without a "
+                          f"{'label' if classification else 'value'} are left out of training", stacklevel=2)
+        if not utts:
+            raise DataError(f"{manifest.path or manifest.dataset}: no labelled utterance to train on")
+        ids = [u.id for u in utts]
+        y = [u.label_index if classification else u.value for u in utts]
+        budget = memory_budget if memory_budget is not None else _default_budget()
+        seqs, keys = {}, {}
+        for m in MODALITIES:
+            store = stores.get(m, stores.get(STORE_MODALITY[m]))
+            if store is None:
+                raise DataError(f"no feature store for modality {STORE_MODALITY[m]!r}; "
+                                "extract it first (imer features) or name it in the method config's features")
+            seqs[m] = _sequences_from_store(store, ids, invalid_frames, budget)
+            budget -= seqs[m].nbytes() if seqs[m].in_memory else 0
+            attrs = _attrs(store)
+            keys[m] = attrs.get("key") or attrs.get("name") or str(getattr(store, "path", ""))
+        sig = _hash({"ids": ids, "features": keys, "invalid_frames": invalid_frames,
+                     "counts": {m: int(s.lengths.sum()) for m, s in seqs.items()}})
+        return cls(ids, y, seqs, labels=list(manifest.labels) if classification else None,
+                   task="classification" if classification else "regression", signature=sig, **kw)
+
+    def _content_signature(self) -> str:
+        h = hashlib.blake2b(digest_size=12)
+        h.update("\n".join(self.ids).encode())
+        h.update(self.y.tobytes())
+        for m in MODALITIES:
+            s = self.seqs[m]
+            h.update(s.lengths.tobytes())
+            if s.in_memory:
+                h.update(np.ascontiguousarray(s.data[: min(len(s.data), 4096)]).tobytes())
+                h.update(repr(float(np.float64(s.data.sum()))).encode())
+        return h.hexdigest()
+
+    # ---- description -----------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def spec(self) -> DataSpec:
+        return DataSpec({m: self.seqs[m].dim for m in MODALITIES}, self.task, self.labels)
+
+    @property
+    def natural(self) -> np.ndarray:
+        """(N, 3) bool: the modality exists for this utterance."""
+        return np.stack([self.seqs[m].lengths > 0 for m in MODALITIES], axis=1)
+
+    def indices(self, ids, what: str = "fold") -> np.ndarray:
+        """Rows of the given ids; ids not in the data (unlabelled, unknown) are left out with a warning."""
+        rows = [self.index[u] for u in ids if u in self.index]
+        if len(rows) != len(ids):
+            unknown = [u for u in ids if u not in self.index]
+            warnings.warn(f"{what}: {len(unknown)} id(s) not in the data are skipped (first: {unknown[0]!r})", stacklevel=2)
+        return np.asarray(rows, dtype=np.int64)
+
+    # ---- batches ---------------------------------------------------------------------------------
+    def collate(self, idx, normalizer: Normalizer | None = None) -> dict:
+        """A padded batch (torch tensors on the CPU) of rows ``idx``; see the module docstring."""
+        import torch
+
+        idx = np.asarray(idx, dtype=np.int64)
+        if self.access_log is not None:
+            self.access_log.append(idx.copy())
+        x, lengths, fmask = {}, {}, {}
+        for m in MODALITIES:
+            s = self.seqs[m]
+            ln = s.lengths[idx]
+            cap = self.max_len.get(m)
+            if cap:
+                ln = np.minimum(ln, cap)
+            eff = np.maximum(ln, 1)  # an absent modality is one zero frame
+            T = cap if (cap and self.fixed_len) else int(eff.max()) if len(idx) else 1
+            t = np.arange(T)
+            valid = t[None, :] < ln[:, None]
+            if s.in_memory and len(s.data):
+                rows = np.where(valid, s.offsets[idx][:, None] + t[None, :], 0)
+                arr = s.data[rows]  # (B, T, D) gather, no copy of the whole store
+                arr *= valid[..., None]
+            else:
+                arr = np.zeros((len(idx), T, s.dim), np.float32)
+                for b, i in enumerate(idx):
+                    if ln[b]:
+                        arr[b, : ln[b]] = s.seq(i)[: ln[b]]
+            if normalizer is not None and m in normalizer.mean:
+                arr = (arr - normalizer.mean[m]) / normalizer.std[m]
+                arr *= valid[..., None]  # padding and absent frames stay exactly zero
+            x[m] = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
+            lengths[m] = torch.from_numpy(eff.astype(np.int64))
+            fmask[m] = torch.from_numpy(valid)
+        natural = torch.from_numpy(np.stack([self.seqs[m].lengths[idx] > 0 for m in MODALITIES], axis=1))
+        return {"x": x, "lengths": lengths, "frame_mask": fmask, "natural": natural,
+                "present": natural.clone(), "y": torch.from_numpy(self.y[idx]),
+                "index": torch.from_numpy(idx), "ids": [self.ids[i] for i in idx]}
+
+    def batches(self, idx, batch_size: int, normalizer: Normalizer | None = None,
+                rng: np.random.Generator | None = None, drop_last: bool = False):
+        """Batches over rows ``idx``; shuffled when ``rng`` is given."""
+        idx = np.asarray(idx, dtype=np.int64)
+        if rng is not None:
+            idx = idx[rng.permutation(len(idx))]
+        stop = len(idx) - (len(idx) % batch_size if drop_last else 0)
+        for start in range(0, stop, batch_size):
+            part = idx[start:start + batch_size]
+            if len(part):
+                yield self.collate(part, normalizer)
+
+
+def batch_to(batch: dict, device) -> dict:
+    """Move every tensor of a batch (nested one level) to ``device``."""
+    import torch
+
+    out = {}
+    for k, v in batch.items():
+        if isinstance(v, torch.Tensor):
+            out[k] = v.to(device, non_blocking=True)
+        elif isinstance(v, dict):
+            out[k] = {kk: vv.to(device, non_blocking=True) if isinstance(vv, torch.Tensor) else vv for kk, vv in v.items()}
+        else:
+            out[k] = v
+    return out
+
+
+# ---- helpers ---------------------------------------------------------------------------------------
+
+def _apply_mask(seq, mask, invalid_frames: str):
+    if seq is None or mask is None:
+        return seq
+    mask = np.asarray(mask, dtype=bool)
+    if invalid_frames == "drop":
+        return seq[mask]
+    if invalid_frames == "zero":
+        return np.where(mask[:, None], seq, 0).astype(np.float32) if mask.any() else seq[:0]
+    raise DataError(f"data.invalid_frames must be 'drop' or 'zero', got {invalid_frames!r}")
+
+
+def _hash(obj) -> str:
+    from pipeline.cache import config_hash
+
+    return config_hash(obj, 16)
+
+
+def _attrs(store) -> dict:
+    a = getattr(store, "attrs", None)
+    if callable(a):
+        a = a()
+    return dict(a or {})
+
+
+def _default_budget() -> int:
+    """Half the currently available RAM (IMER_DATA_MEMORY overrides, in bytes)."""
+    env = os.environ.get("IMER_DATA_MEMORY")
+    if env:
+        return int(float(env))
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
+    except (ValueError, OSError, AttributeError):
+        return 8 << 30
+
+
+def _failed_ids(store) -> set[str]:
+    f = store.failures() if hasattr(store, "failures") else {}
+    if isinstance(f, dict):
+        return set(f)
+    return {x if isinstance(x, str) else x[0] for x in f}
+
+
+def _store_size(store) -> int | None:
+    for name in ("nbytes", "data_nbytes"):
+        v = getattr(store, name, None)
+        v = v() if callable(v) else v
+        if isinstance(v, (int, np.integer)):
+            return int(v)
+    return None
+
+
+def _sequences_from_store(store, ids: list[str], invalid_frames: str, budget: int) -> Sequences:
+    failed = _failed_ids(store)
+    dim = int(_attrs(store).get("dim", 0))
+    size = _store_size(store)
+    if size is None or size <= budget:
+        ld = store.load()
+        dim = int(ld.attrs.get("dim", dim) if getattr(ld, "attrs", None) else dim) or ld.data.shape[1]
+        data, offsets, lengths = np.asarray(ld.data, np.float32), np.asarray(ld.offsets), np.asarray(ld.lengths)
+        mask = None if ld.mask is None else np.asarray(ld.mask, bool)
+        if mask is not None and invalid_frames == "zero":
+            data = np.where(mask[:, None], data, 0).astype(np.float32)
+            # keep the frames, but an utterance with no valid frame at all is absent
+            cs = np.concatenate([[0], np.cumsum(mask, dtype=np.int64)])
+            lengths = np.where(cs[offsets + lengths] - cs[offsets] > 0, lengths, 0)
+        elif mask is not None:
+            data, offsets, lengths = _compact(data, mask, offsets, lengths)
+        row = {u: i for i, u in enumerate(ld.ids)}
+        sel = np.array([row.get(u, -1) for u in ids])
+        ok = (sel >= 0) & np.array([u not in failed for u in ids])
+        off = np.where(ok, offsets[np.maximum(sel, 0)], 0) if len(offsets) else np.zeros(len(ids), np.int64)
+        ln = np.where(ok, lengths[np.maximum(sel, 0)], 0) if len(lengths) else np.zeros(len(ids), np.int64)
+        return Sequences(data, off, ln, dim)
+
+    # Too large for memory: read each utterance when a batch needs it.
+    have = set(store.ids()) - failed
+    lengths = np.zeros(len(ids), np.int64)
+    for i, u in enumerate(ids):
+        if u in have:
+            mk = store.get_mask(u)
+            lengths[i] = int(np.asarray(mk, bool).sum()) if invalid_frames == "drop" else (len(mk) if np.any(mk) else 0)
+
+    def reader(i: int, _ids=ids, _store=store) -> np.ndarray:
+        x = np.asarray(_store.get(_ids[i]), np.float32)
+        return _apply_mask(x, _store.get_mask(_ids[i]), invalid_frames)
+
+    return Sequences(None, np.zeros(len(ids), np.int64), lengths, dim, reader=reader)

@@ -1,0 +1,36 @@
+"""Full-modality and augmented baselines (MMIN §4.4, the authors' UttFusionModel).
+
+EncA/EncV (LSTM + max-pool), EncT (TextCNN) -> concat (a, v, t) -> FC classifier. The two
+baselines differ only in training data, which is a config switch: ``baseline`` trains on full
+data (``train.missing: {kind: full}``), ``baseline-aug`` pools full data with the six missing
+conditions (each training sample draws one of the seven conditions uniformly).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from train.methods import Method, register
+from train.nets import FcClassifier, ModalityEncoders
+
+
+@register
+class Baseline(Method):
+    name = "baseline"
+
+    def __init__(self, cfg, spec):
+        super().__init__(cfg, spec)
+        m = cfg["model"]
+        self.encoders = ModalityEncoders(spec.dims, m["encoders"])
+        self.classifier = FcClassifier(self.encoders.out_dim, m["classifier"], spec.out_dim, m.get("dropout", 0.3))
+
+    def embed(self, x: dict, lengths: dict) -> torch.Tensor:
+        """The fused (a, v, t) utterance embedding."""
+        return self.encoders.fuse(self.encoders(x, lengths))
+
+    def predict(self, batch):
+        return self.classifier(self.embed(batch["x"], batch["lengths"]))
+
+    def loss(self, batch):
+        ce = self.task_loss(self.predict(batch), batch["y"])
+        return ce, {"ce": ce}

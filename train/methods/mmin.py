@@ -1,0 +1,92 @@
+"""MMIN — Missing Modality Imagination Network (Zhao, Li, Jin; ACL 2021).
+
+Student encoders (initialised from the full-modality baseline, fine-tuned) embed the masked input
+into h = concat(h_a, h_v, h_t) (384-d). The forward imagination module (a 5-block cascade residual
+autoencoder) maps h to h' and its concatenated block latents (5 x 64 = 320) are the joint
+representation fed to the classifier. A frozen copy of the pretrained encoders (the teacher)
+embeds the *reversed* input (missing modalities real, available ones zeroed), and h' is pulled
+towards it; a backward module maps h' back to h (cycle consistency).
+
+    L = ce * CE + forward * MSE(teacher(reversed input), h') + cycle * MSE(h.detach(), backward(h'))
+
+Weights, schedule and sizes are the authors' released values (SPEC.md §3): ce 1, forward 4,
+cycle 2, Adam lr 2e-4 beta1 0.5, batch 128, 30 epochs constant + 30 linear decay, clip 1.0,
+classifier dropout 0.5. Config switches give the paper's ablations: ``model.imagination.kind: ae``
+(MMIN-AE: one plain autoencoder of about the same size) and ``loss.cycle: 0`` (MMIN-NoCycle: no
+backward module). ``model.share_weights: true`` makes the forward and backward modules one
+(the authors' MSP-IMPROV setting).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from train.conditions import reversed_input
+from train.methods import Method, register
+from train.nets import FcClassifier, ModalityEncoders, make_imagination
+
+
+@register
+class MMIN(Method):
+    name = "mmin"
+
+    def __init__(self, cfg, spec):
+        super().__init__(cfg, spec)
+        m = cfg["model"]
+        w = cfg.get("loss", {})
+        self.w_ce = float(w.get("ce", 1.0))
+        self.w_forward = float(w.get("forward", 4.0))
+        self.w_cycle = float(w.get("cycle", 2.0))
+        self.encoders = ModalityEncoders(spec.dims, m["encoders"])  # student, fine-tuned
+        self.teacher = ModalityEncoders(spec.dims, m["encoders"])  # frozen copy of the pretrained encoders
+        self.teacher.requires_grad_(False)
+        self.register_buffer("teacher_ready", torch.tensor(False))
+        d = self.encoders.out_dim
+        self.imagine = make_imagination(d, m["imagination"])
+        if self.w_cycle > 0:
+            self.imagine_back = self.imagine if m.get("share_weights") else make_imagination(d, m["imagination"])
+        else:
+            self.imagine_back = None
+        self.classifier = FcClassifier(self.imagine.latent_dim, m["classifier"], spec.out_dim, m.get("dropout", 0.5))
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.teacher.eval()  # the teacher never trains (its TextCNN dropout stays off)
+        return self
+
+    def attach(self, prereqs):
+        base = prereqs.get("encoders")
+        if base is None or not hasattr(base, "encoders"):
+            raise ValueError("mmin needs a trained full-modality model for its encoders: "
+                             "config 'requires: {encoders: baseline}'")
+        state = base.encoders.state_dict()
+        self.encoders.load_state_dict(state)
+        self.teacher.load_state_dict(state)
+        self.teacher_ready.fill_(True)
+
+    def forward_parts(self, batch) -> dict:
+        h = self.encoders.fuse(self.encoders(batch["x"], batch["lengths"]))
+        recon, latent = self.imagine(h)
+        return {"h": h, "recon": recon, "latent": latent, "logits": self.classifier(latent)}
+
+    def predict(self, batch):
+        return self.forward_parts(batch)["logits"]
+
+    def teacher_target(self, batch) -> torch.Tensor:
+        """Teacher embedding of the reversed input: for a modality the sample keeps, the target is
+        the teacher's embedding of a zero sequence (not a zero vector); for a missing one, of its
+        real features."""
+        with torch.no_grad():
+            return self.teacher.fuse(self.teacher(reversed_input(batch), batch["lengths"]))
+
+    def loss(self, batch):
+        if not bool(self.teacher_ready):
+            raise RuntimeError("mmin: the teacher encoders were never loaded (attach a trained baseline first)")
+        p = self.forward_parts(batch)
+        parts = {"ce": self.w_ce * self.task_loss(p["logits"], batch["y"]),
+                 "forward": self.w_forward * nn.functional.mse_loss(p["recon"].float(), self.teacher_target(batch).float())}
+        if self.imagine_back is not None:
+            back, _ = self.imagine_back(p["recon"])
+            parts["cycle"] = self.w_cycle * nn.functional.mse_loss(back.float(), p["h"].detach().float())
+        return sum(parts.values()), parts

@@ -1,0 +1,183 @@
+"""Network building blocks shared by the methods (MMIN's encoders, classifier and autoencoders).
+
+Shapes follow the authors' code (AIM3-RUC/MMIN, see SPEC.md §3): EncA/EncV a 1-layer LSTM with
+max-pooling over time, EncT a TextCNN, a fully connected classifier, and the cascade residual
+autoencoder (CRA). Unlike the authors' code, pooling skips batch padding (their max-pool ran
+over padded steps, so an utterance's embedding depended on its batch-mates' lengths).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+from train.conditions import MODALITIES
+
+
+class LSTMEncoder(nn.Module):
+    """Unidirectional 1-layer LSTM; utterance embedding = max (or last state, or mean) over time."""
+
+    def __init__(self, in_dim: int, hidden: int = 128, pool: str = "max"):
+        super().__init__()
+        if pool not in ("max", "last", "mean"):
+            raise ValueError(f"LSTM pool must be max, last or mean, got {pool!r}")
+        self.rnn = nn.LSTM(in_dim, hidden, batch_first=True)
+        self.pool = pool
+        self.out_dim = hidden
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        T = x.shape[1]
+        packed = pack_padded_sequence(x, lengths.cpu().clamp(min=1, max=T), batch_first=True, enforce_sorted=False)
+        out, (h, _) = self.rnn(packed)
+        if self.pool == "last":
+            return h[-1]
+        out, _ = pad_packed_sequence(out, batch_first=True, total_length=T)
+        valid = torch.arange(T, device=x.device)[None, :] < lengths.to(x.device)[:, None]
+        if self.pool == "max":
+            return out.masked_fill(~valid[..., None], float("-inf")).amax(1)
+        return (out * valid[..., None]).sum(1) / valid.sum(1, keepdim=True).clamp(min=1)
+
+
+class TextCNN(nn.Module):
+    """Kim's TextCNN: parallel 1-D convolutions (kernels 3/4/5 over the whole feature dim),
+    ReLU, max over positions, dropout, Linear + ReLU to the embedding."""
+
+    def __init__(self, in_dim: int, embed: int = 128, channels: int = 128, kernels=(3, 4, 5), dropout: float = 0.5):
+        super().__init__()
+        self.kernels = tuple(int(k) for k in kernels)
+        self.convs = nn.ModuleList(nn.Conv1d(in_dim, channels, k) for k in self.kernels)
+        self.dropout = nn.Dropout(dropout)
+        self.embd = nn.Sequential(nn.Linear(len(self.kernels) * channels, embed), nn.ReLU())
+        self.out_dim = embed
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        xt = x.transpose(1, 2)  # (B, D, T)
+        kmax = max(self.kernels)
+        if xt.shape[2] < kmax:  # short utterances: zero-pad so the widest kernel fits once
+            xt = nn.functional.pad(xt, (0, kmax - xt.shape[2]))
+        lengths = lengths.to(x.device)
+        pooled = []
+        for conv, k in zip(self.convs, self.kernels):
+            a = torch.relu(conv(xt))  # (B, C, P)
+            # positions whose window lies inside the utterance (at least one per utterance);
+            # after ReLU every value is >= 0, so zeroing the others leaves the max unchanged
+            n_valid = (lengths - k + 1).clamp(min=1)
+            keep = torch.arange(a.shape[2], device=x.device)[None, :] < n_valid[:, None]
+            pooled.append((a * keep[:, None, :]).amax(2))
+        return self.embd(self.dropout(torch.cat(pooled, 1)))
+
+
+class FcClassifier(nn.Module):
+    """Hidden layers Linear -> ReLU -> Dropout, then a Linear output layer."""
+
+    def __init__(self, in_dim: int, layers, out_dim: int, dropout: float = 0.3):
+        super().__init__()
+        mods, d = [], in_dim
+        for h in layers:
+            mods += [nn.Linear(d, h), nn.ReLU()]
+            if dropout > 0:
+                mods.append(nn.Dropout(dropout))
+            d = h
+        mods.append(nn.Linear(d, out_dim))
+        self.net = nn.Sequential(*mods)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def make_encoder(kind: str, in_dim: int, **kw) -> nn.Module:
+    if kind == "lstm":
+        return LSTMEncoder(in_dim, **kw)
+    if kind == "textcnn":
+        return TextCNN(in_dim, **kw)
+    raise ValueError(f"encoder kind {kind!r} unknown; use lstm or textcnn")
+
+
+class ModalityEncoders(nn.Module):
+    """One encoder per modality; ``forward`` returns {m: (B, E_m)} and ``fuse`` concatenates
+    them in the (a, v, t) order of MMIN's Eq. 1."""
+
+    def __init__(self, dims: dict[str, int], cfg: dict):
+        super().__init__()
+        self.enc = nn.ModuleDict()
+        for m in MODALITIES:
+            c = dict(cfg[m])
+            self.enc[m] = make_encoder(c.pop("kind"), dims[m], **c)
+        self.out_dims = {m: self.enc[m].out_dim for m in MODALITIES}
+
+    @property
+    def out_dim(self) -> int:
+        return sum(self.out_dims.values())
+
+    def forward(self, x: dict, lengths: dict) -> dict:
+        return {m: self.enc[m](x[m], lengths[m]) for m in MODALITIES}
+
+    @staticmethod
+    def fuse(h: dict) -> torch.Tensor:
+        return torch.cat([h[m] for m in MODALITIES], dim=-1)
+
+
+def _mlp(dims, act, last_act=None) -> nn.Sequential:
+    mods = []
+    for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
+        mods.append(nn.Linear(a, b))
+        if i < len(dims) - 2:
+            mods.append(act())
+        elif last_act is not None:
+            mods.append(last_act())
+    return nn.Sequential(*mods)
+
+
+class CascadeResidualAE(nn.Module):
+    """MMIN's CRA (Tran et al. 2017): ``blocks`` autoencoders; block 1 reads h, block k reads
+    h + sum of the previous blocks' outputs (Eq. 2). Encoders in -> layers (LeakyReLU between,
+    none after the latent), decoders latent -> in (ReLU between, linear output). Output =
+    transition(h + sum of all outputs), a Linear-ReLU-Linear head; latents are concatenated
+    (blocks x layers[-1]) into the joint representation."""
+
+    def __init__(self, in_dim: int, layers=(256, 128, 64), blocks: int = 5):
+        super().__init__()
+        layers = [int(v) for v in layers]
+        self.encoders = nn.ModuleList(_mlp([in_dim, *layers], nn.LeakyReLU) for _ in range(blocks))
+        self.decoders = nn.ModuleList(_mlp([*layers[::-1], in_dim], nn.ReLU) for _ in range(blocks))
+        self.transition = nn.Sequential(nn.Linear(in_dim, in_dim), nn.ReLU(), nn.Linear(in_dim, in_dim))
+        self.latent_dim = layers[-1] * blocks
+
+    def forward(self, h: torch.Tensor):
+        x_in, x_out = h, torch.zeros_like(h)
+        latents = []
+        for enc, dec in zip(self.encoders, self.decoders):
+            x_in = x_in + x_out
+            z = enc(x_in)
+            x_out = dec(z)
+            latents.append(z)
+        return self.transition(x_in + x_out), torch.cat(latents, dim=-1)
+
+
+class PlainAE(nn.Module):
+    """The MMIN-AE ablation's single autoencoder (the authors' SimpleFcAE): every encoder layer
+    followed by LeakyReLU (the latent too), decoder LeakyReLU between layers and ReLU at the
+    output. Returns (reconstruction, latent)."""
+
+    def __init__(self, in_dim: int, layers=(512, 450, 384, 256), out_act: str = "relu"):
+        super().__init__()
+        layers = [int(v) for v in layers]
+        self.encoder = _mlp([in_dim, *layers], nn.LeakyReLU, nn.LeakyReLU)
+        last = {"relu": nn.ReLU, "none": None}[out_act]
+        self.decoder = _mlp([*layers[::-1], in_dim], nn.LeakyReLU, last)
+        self.latent_dim = layers[-1]
+
+    def forward(self, h: torch.Tensor):
+        z = self.encoder(h)
+        return self.decoder(z), z
+
+
+def make_imagination(in_dim: int, cfg: dict) -> nn.Module:
+    c = dict(cfg)
+    kind = c.pop("kind", "cra")
+    if kind == "cra":
+        return CascadeResidualAE(in_dim, **c)
+    if kind == "ae":
+        return PlainAE(in_dim, **c)
+    raise ValueError(f"imagination kind {kind!r} unknown; use cra or ae")

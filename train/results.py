@@ -1,0 +1,163 @@
+"""Run outputs: per fold / seed / condition metrics (JSON, CSV), a Markdown table laid out like
+MMIN's Table 5 (mean ± std over folds x seeds), training curves and a per-condition bar chart."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from train.conditions import MISSING_CONDITIONS
+from train.metrics import NAMES, table_metrics
+
+AVERAGE = "average"  # mean over the six missing conditions, taken per fold x seed first
+COLUMNS = [*MISSING_CONDITIONS, AVERAGE, "avt"]
+
+
+def column_title(c: str) -> str:
+    return "Average" if c == AVERAGE else "{" + ",".join(c) + "}"
+
+
+def collect(run_dir: Path) -> list[dict]:
+    """Every finished fold x seed result of a run (``folds/<fold>/seed<s>/result.json``)."""
+    return [json.loads(p.read_text()) for p in sorted(Path(run_dir).glob("folds/*/seed*/result.json"))]
+
+
+def records(results: list[dict]) -> list[dict]:
+    """Flat rows: fold, seed, condition, then every metric."""
+    rows = []
+    for r in results:
+        for cond, m in r["test"].items():
+            rows.append({"fold": r["fold"], "seed": r["seed"], "condition": cond, **m})
+    return rows
+
+
+def summarize(results: list[dict], task: str) -> dict:
+    """{metric: {column: (mean, std, n)}} over fold x seed runs; std is the sample std (0 for one run)."""
+    out: dict = {}
+    for metric in table_metrics(task):
+        cols: dict = {}
+        for c in COLUMNS:
+            vals = []
+            for r in results:
+                t = r["test"]
+                if c == AVERAGE:
+                    if all(k in t for k in MISSING_CONDITIONS):
+                        vals.append(np.mean([t[k][metric] for k in MISSING_CONDITIONS]))
+                elif c in t:
+                    vals.append(t[c][metric])
+            vals = np.asarray(vals, float)
+            if len(vals):
+                cols[c] = (float(np.mean(vals)), float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0, len(vals))
+        out[metric] = cols
+    return out
+
+
+def _cell(v) -> str:
+    return "–" if v is None else f"{v[0]:.4f} ± {v[1]:.4f}"
+
+
+def markdown_table(rows: dict[str, dict], task: str) -> str:
+    """``rows`` = {model name: summarize(...)} -> one Table-5-style Markdown table."""
+    head = ["Model", "Metric", *[column_title(c) for c in COLUMNS]]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for model, summ in rows.items():
+        for metric in table_metrics(task):
+            cells = [_cell(summ.get(metric, {}).get(c)) for c in COLUMNS]
+            lines.append(f"| {model} | {NAMES[metric]} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def override_note(cfg: dict) -> str:
+    o = cfg.get("dataset_override")
+    if not o:
+        return ""
+    return (f"Per-dataset config override for `{o['dataset']}` (train/configs/{cfg['name']}.yaml and bases): "
+            f"`{json.dumps(o['changes'], sort_keys=True)}`.")
+
+
+def write_run_outputs(run_dir: Path, cfg: dict, meta: dict) -> str:
+    """Write metrics.json / metrics.csv / table.md / curves.png / conditions.png; return the table."""
+    import pandas as pd
+
+    run_dir = Path(run_dir)
+    results = collect(run_dir)
+    task = meta.get("task", "classification")
+    summ = summarize(results, task)
+    rows = records(results)
+    (run_dir / "metrics.json").write_text(json.dumps(
+        {"method": cfg["name"], "dataset": meta.get("dataset"), "task": task,
+         "summary": {m: {c: {"mean": v[0], "std": v[1], "n": v[2]} for c, v in cols.items()} for m, cols in summ.items()},
+         "runs": results}, indent=1, default=float))
+    pd.DataFrame(rows).to_csv(run_dir / "metrics.csv", index=False)
+    n_runs = len(results)
+    table = markdown_table({cfg["name"]: summ}, task)
+    note = override_note(cfg)
+    doc = [f"# {cfg['name']} on {meta.get('dataset')}", "",
+           f"Test results, mean ± std over {n_runs} fold × seed run(s) "
+           f"(folds: {', '.join(sorted({r['fold'] for r in results}))}; seeds: {', '.join(str(s) for s in sorted({r['seed'] for r in results}))}). "
+           f"Model selection: validation {cfg.get('select', {}).get('metric')} pooled over "
+           f"{{{', '.join(cfg.get('select', {}).get('conditions', []))}}}.", ""]
+    if note:
+        doc += [note, ""]
+    doc += [table, ""]
+    (run_dir / "table.md").write_text("\n".join(doc))
+    plot_curves(results, run_dir / "curves.png", cfg["name"])
+    plot_conditions({cfg["name"]: summ}, task, run_dir / "conditions.png", f"{cfg['name']} on {meta.get('dataset')}")
+    return table
+
+
+def plot_curves(results: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for r in results:
+        h = r.get("history", [])
+        if not h:
+            continue
+        ep = [e["epoch"] for e in h]
+        label = f"{r['fold']}/s{r['seed']}"
+        ax1.plot(ep, [e["loss"] for e in h], label=label, lw=1)
+        ax2.plot(ep, [e["val_score"] for e in h], label=label, lw=1)
+        if r.get("best_epoch"):
+            ax2.axvline(r["best_epoch"], color=ax2.lines[-1].get_color(), ls=":", lw=0.8)
+    metric = results[0].get("select_metric", "score") if results else "score"
+    ax1.set(xlabel="epoch", ylabel="training loss", title=f"{title}: training loss")
+    ax2.set(xlabel="epoch", ylabel=f"validation {NAMES.get(metric, metric)}",
+            title="validation (dotted: selected epoch)")
+    if len(results) <= 12:
+        ax2.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_conditions(rows: dict[str, dict], task: str, path: Path, title: str, metrics=None) -> None:
+    """Grouped bars: one group per condition column, one bar per (model, metric), std error bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = list(metrics or table_metrics(task))
+    series = [(model, m) for model in rows for m in metrics]
+    x = np.arange(len(COLUMNS))
+    w = 0.8 / max(len(series), 1)
+    fig, ax = plt.subplots(figsize=(max(7, 1.1 * len(COLUMNS) + 0.25 * len(series)), 4))
+    for i, (model, m) in enumerate(series):
+        cols = rows[model].get(m, {})
+        mean = [cols.get(c, (np.nan, 0, 0))[0] for c in COLUMNS]
+        std = [cols.get(c, (np.nan, 0, 0))[1] for c in COLUMNS]
+        label = f"{model} {NAMES[m]}" if len(rows) > 1 else NAMES[m]
+        ax.bar(x + (i - (len(series) - 1) / 2) * w, mean, w, yerr=std, capsize=2, label=label)
+    ax.set_xticks(x, [column_title(c) for c in COLUMNS])
+    ax.set(title=title, ylabel="score")
+    ax.legend(fontsize=7, ncol=min(len(series), 4))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+

@@ -1,0 +1,332 @@
+"""Running a method on a dataset: every fold x seed, every test condition, results on disk.
+
+``train_method(dataset, method)`` is what ``imer train`` and ``make train`` call: it loads the
+config, the manifest and folds, makes sure the features exist (the stage runner extracts what is
+missing), builds the data module and hands over to ``run_experiment``, which needs no extraction
+stack (tests and benchmarks give it synthetic data).
+
+Layout of ``results/<dataset>/<method>/<run-id>/``::
+
+    config.yaml            the resolved config          run.json    status, data, features, timings
+    metrics.json / .csv    per fold / seed / condition  table.md    Table-5 style, mean ± std
+    curves.png             training curves              conditions.png  per-condition bars
+    folds/<fold>/seed<s>/  best.pt, history.json, result.json, predictions.npz
+    prereq/<config>/<fold>/seed<s>/   prerequisite models (MMIN's baseline), same layout
+
+Rerunning the same command resumes an unfinished run with the same config and data: finished
+fold x seed pairs are kept, an interrupted one continues from its last finished epoch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from pipeline.cache import config_hash
+from train import metrics
+from train.config import ConfigError, load_config
+from train.data import MultimodalData, Normalizer
+from train.results import write_run_outputs
+from train.trainer import Trainer, evaluate, load_checkpoint
+
+
+def results_root(root: str | Path | None = None) -> Path:
+    """``root``, else ``$IMER_RESULTS``, else ``./results``."""
+    return Path(root or os.environ.get("IMER_RESULTS") or "results").expanduser()
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", str(name))
+
+
+def _ids_hash(ids) -> str:
+    return config_hash(sorted(ids), 16)
+
+
+def fold_signature(cfg: dict, data: MultimodalData, fold, seed: int) -> str:
+    """What a fold x seed model depends on: config (minus descriptive keys), data, split, seed."""
+    c = {k: v for k, v in cfg.items() if k not in ("seeds", "dataset_override", "eval")}
+    return config_hash({"cfg": c, "data": data.signature, "seed": int(seed),
+                        "fold": [fold.name, _ids_hash(fold.train), _ids_hash(fold.val), _ids_hash(fold.test)]}, 20)
+
+
+def select_folds(folds: list, wanted) -> list:
+    """``wanted``: fold names or 1-based positions (a list or "1,2"); None = all folds."""
+    if not wanted:
+        return list(folds)
+    if isinstance(wanted, str):
+        wanted = [w for w in wanted.split(",") if w.strip()]
+    by_name = {f.name: f for f in folds}
+    out = []
+    for w in wanted:
+        w = str(w).strip()
+        if w in by_name:
+            out.append(by_name[w])
+        elif w.isdigit() and 1 <= int(w) <= len(folds):
+            out.append(folds[int(w) - 1])
+        else:
+            raise ConfigError(f"fold {w!r} not found; folds are {', '.join(by_name)} (or 1..{len(folds)})")
+    return out
+
+
+def parse_seeds(seeds) -> list[int] | None:
+    if seeds is None or seeds == "":
+        return None
+    if isinstance(seeds, str):
+        seeds = [s for s in seeds.split(",") if s.strip()]
+    try:
+        return [int(s) for s in seeds]
+    except ValueError:
+        raise ConfigError(f"seeds must be integers, e.g. 0,1,2; got {seeds!r}") from None
+
+
+class Experiment:
+    """One run directory: trains the selected folds x seeds of one config, with prerequisites."""
+
+    def __init__(self, data: MultimodalData, folds: list, cfg: dict, run_dir: Path, *, dataset: str,
+                 device: str = "cpu", root: Path | None = None, prereq_overrides: dict | None = None,
+                 progress: bool = True, callbacks=(), log=print):
+        self.data = data
+        self.folds = folds
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.dataset = dataset
+        self.device = device
+        self.root = results_root(root)
+        self.prereq_overrides = prereq_overrides or {}
+        self.progress = progress
+        self.callbacks = list(callbacks)
+        self.log = log
+
+    # -- one fold x seed ----------------------------------------------------------------------------
+    def run_fold(self, cfg: dict, fold, seed: int, out_dir: Path) -> dict:
+        import torch
+
+        from train.methods import build
+
+        sig = fold_signature(cfg, self.data, fold, seed)
+        done = out_dir / "result.json"
+        if done.is_file():
+            res = json.loads(done.read_text())
+            if res.get("signature") == sig:
+                return res
+        t0 = time.perf_counter()
+        tr = self.data.indices(fold.train, f"fold {fold.name} train")
+        va = self.data.indices(fold.val, f"fold {fold.name} val")
+        te = self.data.indices(fold.test, f"fold {fold.name} test")
+        norm = Normalizer.fit(self.data, tr, cfg.get("data", {}).get("normalize", []))
+        prereqs = {role: self.prerequisite(name, cfg, fold, seed) for role, name in (cfg.get("requires") or {}).items()}
+        torch.manual_seed(seed)
+        np.random.seed(seed)
+        method = build(cfg, self.data.spec)
+        method.attach(prereqs)
+        trainer = Trainer(method, self.data, tr, va, cfg, out_dir, seed=seed, device=self.device, normalizer=norm,
+                          signature=sig, progress=self.progress, callbacks=self.callbacks,
+                          desc=f"{cfg['name']} {fold.name} s{seed}")
+        summary = trainer.fit()
+        # test once, with the weights chosen on validation
+        best, _, _ = load_checkpoint(trainer.best_path, self.device)
+        conds = cfg.get("eval", {}).get("conditions", ["avt"])
+        bs = max(int(cfg["train"]["batch_size"]), 256)
+        test = evaluate(best, self.data, te, conds, norm, bs, self.device, trainer.amp)
+        val = evaluate(best, self.data, va, conds, norm, bs, self.device, trainer.amp)
+        np.savez_compressed(out_dir / "predictions.npz", **{
+            f"{c}_{k}": v for c, r in test.items() for k, v in r.items()},
+            ids=np.array([self.data.ids[i] for i in te]))
+        task = self.data.task
+        res = {"fold": fold.name, "seed": int(seed), "method": cfg["name"], "signature": sig,
+               "best_epoch": summary["best_epoch"], "select_metric": summary["metric"],
+               "val_score": summary["best_score"], "epochs_run": summary["epochs_run"],
+               "stopped_early": summary["stopped_early"],
+               "n": {"train": len(tr), "val": len(va), "test": len(te)},
+               "test": {c: metrics.compute(task, r["y"], r["out"]) for c, r in test.items()},
+               "val": {c: metrics.compute(task, r["y"], r["out"]) for c, r in val.items()},
+               "history": summary["history"], "time_s": time.perf_counter() - t0}
+        tmp = done.with_suffix(".tmp")
+        tmp.write_text(json.dumps(res, indent=1, default=float))
+        tmp.replace(done)
+        trainer.last_path.unlink(missing_ok=True)  # optimiser state is only needed to resume
+        return res
+
+    # -- prerequisites (MMIN's pretrained baseline) -------------------------------------------------
+    def prerequisite(self, name: str, cfg: dict, fold, seed: int):
+        """The trained ``name`` model for this fold and seed: from this run's prereq/ folder, else
+        copied from an earlier run of ``name`` with the same config and data, else trained now."""
+        pcfg = load_config(name, self.dataset, self.prereq_overrides.get(name))
+        for key in ("features", "data"):
+            if pcfg.get(key) != cfg.get(key):
+                raise ConfigError(f"train/configs/{name}.yaml: its '{key}' section differs from "
+                                  f"{cfg['name']}'s, but {cfg['name']} builds on it; make them equal")
+        sig = fold_signature(pcfg, self.data, fold, seed)
+        pdir = self.run_dir / "prereq" / _safe(name) / _safe(fold.name) / f"seed{seed}"
+        if not _finished(pdir, sig):
+            for src in sorted(self.root.glob(f"{_safe(self.dataset)}/{_safe(name)}/*/folds/{_safe(fold.name)}/seed{seed}"),
+                              reverse=True):
+                if _finished(src, sig):
+                    pdir.mkdir(parents=True, exist_ok=True)
+                    for f in ("best.pt", "result.json", "history.json"):
+                        if (src / f).is_file():
+                            shutil.copy2(src / f, pdir / f)
+                    self.log(f"  {name} {fold.name} seed {seed}: reusing {src}")
+                    break
+        if not _finished(pdir, sig):
+            self.log(f"  {name} {fold.name} seed {seed}: training the prerequisite")
+            self.run_fold(pcfg, fold, seed, pdir)
+        method, _, _ = load_checkpoint(pdir / "best.pt", self.device)
+        return method
+
+    # -- the whole run ------------------------------------------------------------------------------
+    def run(self, seeds: list[int], meta: dict) -> str:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "config.yaml").write_text(yaml.safe_dump(self.cfg, sort_keys=False))
+        meta = {**meta, "status": "running", "started": meta.get("started") or time.strftime("%Y-%m-%dT%H:%M:%S"),
+                "folds": [f.name for f in self.folds], "seeds": seeds, "device": self.device,
+                "task": self.data.task, "labels": self.data.labels, "dims": self.data.spec.dims,
+                "data_signature": self.data.signature, "n_utterances": len(self.data)}
+        _write_json(self.run_dir / "run.json", meta)
+        t0 = time.perf_counter()
+        for fold in self.folds:
+            for seed in seeds:
+                out = self.run_dir / "folds" / _safe(fold.name) / f"seed{seed}"
+                res = self.run_fold(self.cfg, fold, seed, out)
+                t = res["test"]
+                avg = np.mean([t[c][res["select_metric"]] for c in t if c != "avt"]) if len(t) > 1 else float("nan")
+                full = t.get("avt", {}).get(res["select_metric"], float("nan"))
+                self.log(f"{self.cfg['name']} fold {fold.name} seed {seed}: best epoch {res['best_epoch']} "
+                         f"(val {res['select_metric']} {res['val_score']:.4f}); test {res['select_metric']} "
+                         f"missing-avg {avg:.4f}, full {full:.4f}  [{res['time_s']:.0f} s]")
+        table = write_run_outputs(self.run_dir, self.cfg, meta)
+        meta.update(status="complete", finished=time.strftime("%Y-%m-%dT%H:%M:%S"),
+                    wall_s=meta.get("wall_s", 0) + time.perf_counter() - t0)
+        _write_json(self.run_dir / "run.json", meta)
+        return table
+
+
+def _finished(d: Path, sig: str) -> bool:
+    r = d / "result.json"
+    if not (r.is_file() and (d / "best.pt").is_file()):
+        return False
+    try:
+        return json.loads(r.read_text()).get("signature") == sig
+    except json.JSONDecodeError:
+        return False
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=1, default=str))
+    tmp.replace(path)
+
+
+def find_run(method_dir: Path, match: dict) -> Path | None:
+    """The newest unfinished run in ``method_dir`` whose run.json agrees with ``match``."""
+    for d in sorted(method_dir.glob("*/run.json"), reverse=True):
+        try:
+            meta = json.loads(d.read_text())
+        except json.JSONDecodeError:
+            continue
+        if meta.get("status") != "complete" and all(meta.get(k) == v for k, v in match.items()):
+            return d.parent
+    return None
+
+
+def run_experiment(data: MultimodalData, folds: list, cfg: dict, *, dataset: str, fold_select=None,
+                   seeds=None, device: str = "cpu", results_dir: str | Path | None = None,
+                   run_id: str | None = None, resume: bool = True, meta: dict | None = None,
+                   prereq_overrides: dict | None = None, progress: bool = True, callbacks=(),
+                   log=print) -> Path:
+    """Train ``cfg`` on every selected fold x seed of ``data``; returns the run directory."""
+    folds = select_folds(folds, fold_select)
+    seeds = parse_seeds(seeds) or [int(s) for s in cfg.get("seeds", [0])]
+    root = results_root(results_dir)
+    method_dir = root / _safe(dataset) / _safe(cfg["name"])
+    cfg_hash = config_hash({k: v for k, v in cfg.items() if k != "seeds"}, 12)
+    match = {"config_hash": cfg_hash, "data_signature": data.signature,
+             "folds": [f.name for f in folds], "seeds": seeds}
+    run_dir = None
+    if run_id:
+        run_dir = method_dir / _safe(run_id)
+    elif resume:
+        run_dir = find_run(method_dir, match)
+        if run_dir is not None:
+            log(f"resuming {run_dir}")
+    if run_dir is None:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        run_dir = method_dir / f"{stamp}-{cfg_hash[:6]}"
+        k = 1
+        while run_dir.exists():
+            k += 1
+            run_dir = method_dir / f"{stamp}-{cfg_hash[:6]}-{k}"
+    meta = {"dataset": dataset, "method": cfg["name"], "run_id": run_dir.name, "config_hash": cfg_hash,
+            **(meta or {})}
+    exp = Experiment(data, folds, cfg, run_dir, dataset=dataset, device=device, root=root,
+                     prereq_overrides=prereq_overrides, progress=progress, callbacks=callbacks, log=log)
+    table = exp.run(seeds, meta)
+    log(f"\n{cfg['name']} on {dataset} — {run_dir}\n{table}")
+    return run_dir
+
+
+# ---- the dataset-level entry point -----------------------------------------------------------------
+
+def ensure_stores(dataset: str, cfg: dict, device: str, data_root=None, manifest=None) -> dict:
+    """{modality: FeatureStore} for the config's features, extracting whatever is missing."""
+    try:
+        from pipeline.runner import ensure_features
+    except ImportError as e:
+        raise SystemExit(f"imer train: the feature stage runner is not available ({e}); "
+                         "run `imer features` first or install the full toolkit") from None
+    kw = {"device": device, "data_root": data_root}
+    if manifest:
+        kw["manifest"] = manifest
+    return ensure_features(dataset, cfg["features"], **kw)
+
+
+def store_description(stores: dict) -> dict:
+    """What the run records about each store: enough to rebuild its extractor for ``imer predict``."""
+    out = {}
+    for mod, s in stores.items():
+        a = getattr(s, "attrs", None)
+        a = dict(a() if callable(a) else a or {})
+        out[mod] = {k: a.get(k) for k in ("name", "params", "key", "dim", "frame_rate", "modality", "version", "requires")
+                    if k in a}
+        if getattr(s, "path", None) is not None:
+            out[mod]["path"] = str(s.path)
+    return out
+
+
+def build_data(manifest, stores: dict, cfg: dict) -> MultimodalData:
+    d = cfg.get("data", {})
+    return MultimodalData.from_stores(manifest, stores, invalid_frames=d.get("invalid_frames", "drop"),
+                                      max_len=d.get("max_len"), fixed_len=bool(d.get("fixed_len")))
+
+
+def train_method(dataset: str, method: str, folds=None, seeds=None, device: str = "auto", *,
+                 data_root=None, manifest=None, protocol: str | None = None, results_dir=None,
+                 run_id: str | None = None, overrides: dict | None = None,
+                 prereq_overrides: dict | None = None, resume: bool = True, progress: bool = True,
+                 log=print) -> Path:
+    """Extract what is missing, train ``method`` on every fold x seed of ``dataset``, evaluate every
+    condition and write ``results/<dataset>/<method>/<run-id>/``; returns that directory."""
+    from manifests.datasets import load_folds, load_manifest
+    from pipeline.device import resolve_device
+
+    cfg = load_config(method, dataset, overrides)
+    dev = resolve_device(device)
+    man = load_manifest(dataset, data_root=data_root, manifest=manifest)
+    proto, fold_list = load_folds(dataset, protocol)
+    stores = ensure_stores(dataset, cfg, dev, data_root, manifest)
+    data = build_data(man, stores, cfg)
+    meta = {"protocol": proto, "features": store_description(stores),
+            "manifest": str(man.path) if man.path else None, "argv": sys.argv}
+    return run_experiment(data, fold_list, cfg, dataset=dataset, fold_select=folds, seeds=seeds, device=dev,
+                          results_dir=results_dir, run_id=run_id, resume=resume, meta=meta,
+                          prereq_overrides=prereq_overrides, progress=progress, log=log)
+

@@ -1,0 +1,287 @@
+"""The shared trainer: one fold x seed of one method.
+
+Per epoch: shuffle the training rows and draw each sample's missing condition from a generator
+seeded by (seed, epoch) — so an interrupted run that resumes draws exactly what an uninterrupted
+one would — then optimise (AMP on CUDA, gradient-norm clipping), evaluate the validation split
+under the selection conditions, step the LR schedule, keep ``best.pt`` when the validation score
+improves, stop early after ``patience`` epochs without improvement, and write ``last.pt`` (model,
+optimiser, schedule, scaler, torch RNG state, history) so a rerun resumes after the last finished
+epoch. The trainer only ever sees the training and validation rows: model selection cannot read
+the test split.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from train import metrics
+from train.conditions import apply_availability, availability, sample_availability
+from train.data import DataSpec, MultimodalData, Normalizer, batch_to
+
+
+# ---- optimiser and schedules ---------------------------------------------------------------------
+
+def total_epochs(tcfg: dict) -> int:
+    if tcfg.get("epochs"):
+        return int(tcfg["epochs"])
+    s = tcfg.get("schedule") or {}
+    if s.get("kind") == "linear_decay":
+        return int(s["constant"]) + int(s["decay"])
+    raise ValueError("train.epochs is not set (and the schedule is not linear_decay with constant + decay)")
+
+
+def make_optimizer(params, ocfg: dict) -> torch.optim.Optimizer:
+    kind = ocfg.get("kind", "adam")
+    lr = float(ocfg["lr"])
+    wd = float(ocfg.get("weight_decay", 0.0))
+    if kind in ("adam", "adamw"):
+        cls = torch.optim.Adam if kind == "adam" else torch.optim.AdamW
+        return cls(params, lr=lr, betas=tuple(float(b) for b in ocfg.get("betas", (0.9, 0.999))), weight_decay=wd)
+    if kind == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=float(ocfg.get("momentum", 0.9)), weight_decay=wd)
+    raise ValueError(f"train.optimizer.kind {kind!r} unknown; use adam, adamw or sgd")
+
+
+def make_scheduler(opt, scfg: dict | None, epochs: int):
+    """Epoch-level schedules: constant; linear_decay (MMIN: ``constant`` epochs at the base rate,
+    then linear decay over ``decay`` epochs, factor 1 - max(0, e + 1 - constant) / (decay + 1));
+    step (x gamma every ``step`` epochs); cosine (to 0 over the run); plateau (ReduceLROnPlateau
+    on the validation loss: factor, patience)."""
+    s = dict(scfg or {"kind": "constant"})
+    kind = s.get("kind", "constant")
+    sch = torch.optim.lr_scheduler
+    if kind == "constant":
+        return sch.LambdaLR(opt, lambda e: 1.0)
+    if kind == "linear_decay":
+        n, d = int(s["constant"]), int(s["decay"])
+        return sch.LambdaLR(opt, lambda e: 1.0 - max(0, e + 1 - n) / float(d + 1))
+    if kind == "step":
+        return sch.StepLR(opt, step_size=int(s["step"]), gamma=float(s.get("gamma", 0.1)))
+    if kind == "cosine":
+        return sch.CosineAnnealingLR(opt, T_max=max(1, epochs))
+    if kind == "plateau":
+        return sch.ReduceLROnPlateau(opt, mode="min", factor=float(s.get("factor", 0.1)),
+                                     patience=int(s.get("patience", 10)))
+    raise ValueError(f"train.schedule.kind {kind!r} unknown; use constant, linear_decay, step, cosine or plateau")
+
+
+# ---- evaluation ------------------------------------------------------------------------------------
+
+def evaluate(method, data: MultimodalData, idx, conditions, normalizer: Normalizer | None = None,
+             batch_size: int = 256, device: str = "cpu", amp: bool = False) -> dict:
+    """Raw outputs of ``method`` on rows ``idx`` under each condition:
+    {condition: {"index": (N,), "y": (N,), "out": (N, C)}}. Inputs of the modalities a condition
+    drops are zeroed; the unmasked inputs are removed from the batch before ``predict``."""
+    conditions = list(conditions)
+    res = {c: {"index": [], "y": [], "out": []} for c in conditions}
+    was_training = method.training
+    method.eval()
+    with torch.no_grad():
+        for batch in data.batches(idx, batch_size, normalizer):
+            n = len(batch["y"])
+            for c in conditions:
+                b = apply_availability(batch, np.tile(availability(c), (n, 1)))
+                b.pop("x_full")
+                b = batch_to(b, device)
+                with torch.autocast(device_type="cuda", dtype=torch.float16, enabled=amp):
+                    out = method.predict(b)
+                res[c]["index"].append(batch["index"].numpy())
+                res[c]["y"].append(batch["y"].numpy())
+                res[c]["out"].append(out.float().cpu().numpy().reshape(n, -1))
+    method.train(was_training)
+    return {c: {k: np.concatenate(v) if v else np.zeros(0) for k, v in r.items()} for c, r in res.items()}
+
+
+def pooled(results: dict) -> tuple[np.ndarray, np.ndarray]:
+    """All conditions' (y, out) stacked: the pooled validation set of MMIN's model selection."""
+    ys = [r["y"] for r in results.values()]
+    outs = [r["out"] for r in results.values()]
+    return np.concatenate(ys), np.concatenate(outs)
+
+
+def output_loss(task: str, y: np.ndarray, out: np.ndarray) -> float:
+    """Cross-entropy of logits (classification) or L1 (regression): the validation loss."""
+    if len(y) == 0:
+        return float("nan")
+    if task == "classification":
+        return float(torch.nn.functional.cross_entropy(torch.from_numpy(out).float(), torch.from_numpy(y).long()))
+    return float(np.abs(out.reshape(len(out), -1)[:, 0] - y).mean())
+
+
+# ---- the trainer ---------------------------------------------------------------------------------
+
+def _save(obj, path: Path) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(obj, tmp)
+    tmp.replace(path)  # atomic: an interruption never leaves half a checkpoint
+
+
+class Trainer:
+    """Trains ``method`` on rows ``train_idx`` of ``data``, selecting on ``val_idx``; writes
+    ``best.pt``, ``last.pt`` and ``history.json`` into ``out_dir``. ``callbacks`` are called as
+    ``cb(trainer, epoch, record)`` after every epoch (an exception there interrupts the run
+    after ``last.pt`` was written, like a kill would)."""
+
+    def __init__(self, method, data: MultimodalData, train_idx, val_idx, cfg: dict, out_dir,
+                 seed: int = 0, device: str = "cpu", normalizer: Normalizer | None = None,
+                 signature: str = "", progress: bool = True, callbacks=(), desc: str = ""):
+        self.method = method.to(device)
+        self.data = data
+        self.train_idx = np.asarray(train_idx, dtype=np.int64)
+        self.val_idx = np.asarray(val_idx, dtype=np.int64)
+        if len(self.train_idx) == 0 or len(self.val_idx) == 0:
+            raise ValueError(f"{desc or out_dir}: empty training or validation split "
+                             f"({len(self.train_idx)} / {len(self.val_idx)} utterances); check the fold file")
+        self.cfg = cfg
+        self.tcfg = cfg["train"]
+        self.scfg = cfg.get("select", {})
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.seed = int(seed)
+        self.device = device
+        self.normalizer = normalizer
+        self.signature = signature
+        self.progress = progress
+        self.callbacks = list(callbacks)
+        self.desc = desc
+        self.amp = str(device).startswith("cuda") and bool(self.tcfg.get("amp", True))
+        self.metric = self.scfg.get("metric", "ua" if data.task == "classification" else "mae")
+        self.select_conditions = self.scfg.get("conditions", ["avt"])
+
+    @property
+    def last_path(self) -> Path:
+        return self.out_dir / "last.pt"
+
+    @property
+    def best_path(self) -> Path:
+        return self.out_dir / "best.pt"
+
+    def _best_payload(self, epoch: int, score: float) -> dict:
+        return {"model": self.method.state_dict(), "epoch": epoch, "score": score, "metric": self.metric,
+                "normalizer": self.normalizer.to_dict() if self.normalizer else None,
+                "spec": self.method.spec.to_json(), "config": self.cfg, "signature": self.signature}
+
+    def fit(self) -> dict:
+        epochs = total_epochs(self.tcfg)
+        params = self.method.trainable_parameters()
+        opt = make_optimizer(params, self.tcfg["optimizer"])
+        sched = make_scheduler(opt, self.tcfg.get("schedule"), epochs)
+        scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
+        clip = self.tcfg.get("clip_grad_norm")
+        patience = (self.tcfg.get("early_stop") or {}).get("patience")
+        bs = int(self.tcfg["batch_size"])
+        state = {"epoch": 0, "best_score": None, "best_epoch": None, "bad_epochs": 0, "history": [], "done": False}
+
+        if self.last_path.is_file():
+            ck = torch.load(self.last_path, map_location=self.device, weights_only=False)
+            if ck.get("signature") == self.signature:
+                self.method.load_state_dict(ck["model"])
+                opt.load_state_dict(ck["optimizer"])
+                sched.load_state_dict(ck["scheduler"])
+                scaler.load_state_dict(ck["scaler"])
+                torch.set_rng_state(ck["torch_rng"])
+                if ck.get("cuda_rng") is not None and torch.cuda.is_available():
+                    torch.cuda.set_rng_state_all(ck["cuda_rng"])
+                state = ck["state"]
+            else:  # a different config or data wrote it: never continue someone else's run
+                self.last_path.unlink()
+        if state["done"]:
+            return self._summary(state)
+
+        bar = tqdm(range(state["epoch"], epochs), desc=self.desc or "train", leave=False,
+                   disable=not self.progress, initial=state["epoch"], total=epochs)
+        for epoch in bar:
+            rec = self._train_epoch(epoch, opt, scaler, params, clip, bs)
+            t0 = time.perf_counter()
+            val = evaluate(self.method, self.data, self.val_idx, self.select_conditions, self.normalizer,
+                           max(bs, 256), self.device, self.amp)
+            y, out = pooled(val)
+            vm = metrics.compute(self.data.task, y, out)
+            rec.update(val_score=vm[self.metric], val_loss=output_loss(self.data.task, y, out),
+                       val={k: v for k, v in vm.items() if k != "n"}, val_time_s=time.perf_counter() - t0,
+                       lr=opt.param_groups[0]["lr"])
+            if isinstance(sched, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                sched.step(rec["val_loss"])
+            else:
+                sched.step()
+            if metrics.better(self.metric, rec["val_score"], state["best_score"]):
+                state.update(best_score=rec["val_score"], best_epoch=epoch + 1, bad_epochs=0)
+                _save(self._best_payload(epoch + 1, rec["val_score"]), self.best_path)
+            else:
+                state["bad_epochs"] += 1
+            state["history"].append(rec)
+            state["epoch"] = epoch + 1
+            stop = bool(patience) and state["bad_epochs"] >= int(patience)
+            state["done"] = stop or state["epoch"] >= epochs
+            state["stopped_early"] = stop
+            _save({"model": self.method.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                   "scaler": scaler.state_dict(), "torch_rng": torch.get_rng_state(),
+                   "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+                   "state": state, "signature": self.signature}, self.last_path)
+            (self.out_dir / "history.json").write_text(json.dumps(state["history"], indent=1, default=float))
+            bar.set_postfix(loss=f"{rec['loss']:.3f}", **{f"val_{self.metric}": f"{rec['val_score']:.3f}"})
+            for cb in self.callbacks:
+                cb(self, epoch, rec)
+            if stop:
+                break
+        bar.close()
+        if state["best_epoch"] is None:  # every validation score was NaN: keep the last weights
+            _save(self._best_payload(state["epoch"], float("nan")), self.best_path)
+        return self._summary(state)
+
+    def _train_epoch(self, epoch, opt, scaler, params, clip, bs) -> dict:
+        rng = np.random.default_rng([self.seed, epoch])
+        self.method.train()
+        sums: dict[str, float] = defaultdict(float)
+        n_seen, t0 = 0, time.perf_counter()
+        for batch in self.data.batches(self.train_idx, bs, self.normalizer, rng=rng):
+            n = len(batch["y"])
+            avail = sample_availability(self.tcfg.get("missing"), n, rng)
+            b = batch_to(apply_availability(batch, avail), self.device)
+            with torch.autocast(device_type="cuda", dtype=torch.float16, enabled=self.amp):
+                loss, parts = self.method.loss(b)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"{self.desc}: the training loss became {loss.item()} at epoch {epoch + 1}; "
+                                         "lower the learning rate or check the features for inf/NaN")
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if clip:
+                scaler.unscale_(opt)
+                torch.nn.utils.clip_grad_norm_(params, float(clip))
+            scaler.step(opt)
+            scaler.update()
+            sums["loss"] += float(loss.detach()) * n
+            for k, v in parts.items():
+                sums[k] += float(v.detach()) * n
+            n_seen += n
+        dt = time.perf_counter() - t0
+        rec = {"epoch": epoch + 1, **{k: v / max(n_seen, 1) for k, v in sums.items()},
+               "train_time_s": dt, "samples_per_s": n_seen / dt if dt > 0 else math.nan}
+        return rec
+
+    def _summary(self, state) -> dict:
+        return {"best_epoch": state["best_epoch"], "best_score": state["best_score"], "metric": self.metric,
+                "epochs_run": state["epoch"], "stopped_early": state.get("stopped_early", False),
+                "history": state["history"]}
+
+
+def load_checkpoint(path, device: str = "cpu"):
+    """(method, normalizer, cfg) from a ``best.pt``: the method rebuilt from the config and data
+    spec stored in it, weights loaded, in eval mode."""
+    from train.methods import build
+
+    ck = torch.load(path, map_location=device, weights_only=False)
+    spec = DataSpec(**ck["spec"])
+    method = build(ck["config"], spec)
+    method.load_state_dict(ck["model"])
+    method.to(device).eval()
+    norm = Normalizer.from_dict(ck["normalizer"]) if ck.get("normalizer") else None
+    return method, norm, ck["config"]
