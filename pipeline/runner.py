@@ -293,10 +293,10 @@ def _run_stage(ext: Extractor, store: FeatureStore, todo: list, summ: Summary, c
         written = set(store.commit({uid: (r, fps[uid]) for uid, r in results}))
         failures = store.failures()
         for uid, r in results:
-            if uid not in written:
-                summ.cached += 1  # another process committed it meanwhile
-            elif uid in failures:
+            if uid in failures:  # failed now (a retried failure that fails again is not rewritten)
                 summ.failed[uid] = failures[uid]["reason"]
+            elif uid not in written:
+                summ.cached += 1  # another process committed it meanwhile
             else:
                 summ.computed += 1
         bar.update(len(results))

@@ -71,7 +71,8 @@ def _wav(path: Path, seed: int, seconds: float) -> np.ndarray:
 def _corpus(d: Path, dataset: str, n: int, extra: list[Utterance] = ()) -> Path:
     utts = []
     for i in range(n):
-        _wav(d / "wav" / f"u{i:02d}.wav", i, 0.15 + 0.05 * (i % 5))
+        if not (d / "wav" / f"u{i:02d}.wav").exists():  # rewriting would change the bytes: libsndfile
+            _wav(d / "wav" / f"u{i:02d}.wav", i, 0.15 + 0.05 * (i % 5))  # stamps float WAVs (PEAK chunk)
         utts.append(Utterance(f"u{i:02d}", dataset=dataset, speaker=f"s{i % 2}", audio=Media(f"wav/u{i:02d}.wav")))
     return write_manifest(d / "manifest.jsonl", [*utts, *extra], dataset, root=d)
 
