@@ -167,3 +167,114 @@ def make_mosei(base: Path, videos: dict[str, list[float]], csd_offset: float = 0
             g["features"] = np.array(values, dtype=np.float32)[:, None]
             g["intervals"] = np.array(iv, dtype=np.float64)
     return root
+
+
+# ---- released feature files: MMIN (h5 + npy targets) and MMSA (pickles) ---------------------------
+
+MMIN_LABELS = ["ang", "hap", "neu", "sad"]
+
+
+def _mmin_feature(rng, label: int, frames: int, dim: int) -> np.ndarray:
+    """Class-dependent features (a label-specific offset on a few dims) so a model can learn them."""
+    x = rng.normal(0.0, 1.0, (frames, dim)).astype(np.float32)
+    x[:, label::4][:, :8] += 2.0
+    return x
+
+
+def make_mmin(base: Path, corpus: str = "iemocap", per_speaker: int = 4, seed: int = 0,
+              no_face: tuple[str, ...] = (), no_text: tuple[str, ...] = (),
+              dims=(130, 342, 1024)) -> tuple[Path, dict[str, int]]:
+    """An MMIN feature root as released (AIM3-RUC/MMIN): ``A/comparE.h5`` (IEMOCAP) or
+    ``A/comparE_raw.h5`` (MSP-IMPROV), ``V/denseface.h5``, ``L/bert_large.h5`` (one dataset per
+    utterance id), ``A/comparE_mean_std.h5`` (IEMOCAP) and ``target/<cv>/{trn,val,tst}_{label,int2name}.npy``
+    (IEMOCAP: one-hot labels, (N, 1) bytes ids, 10 folds; MSP-IMPROV: integer labels, str ids, 12 folds).
+    ``no_face`` ids get Denseface's single all-zero frame; ``no_text`` ids are left out of the L file.
+    Returns (root, {id: class index})."""
+    import h5py
+
+    rng = np.random.default_rng(seed)
+    root = base / f"{corpus}_features_2021"
+    for d in ("A", "V", "L"):
+        (root / d).mkdir(parents=True, exist_ok=True)
+    iemocap = corpus == "iemocap"
+    sessions = range(1, 6) if iemocap else range(1, 7)
+    utts: dict[str, tuple[int, str, int]] = {}  # id -> (session, gender, label)
+    for s in sessions:
+        for g in "FM":
+            for i in range(per_speaker):
+                if iemocap:
+                    uid = f"Ses0{s}F_impro0{i % 3 + 1}_{g}{i:03d}"
+                else:
+                    uid = f"MSP-IMPROV-S{i + 1:02d}{'AHSN'[i % 4]}-{g}0{s}-S-{g}{'MF'[g == 'M']}{i + 1:02d}"
+                utts[uid] = (s, g, (i + (g == "M") + s) % 4)
+    a_name = "comparE" if iemocap else "comparE_raw"
+    da, dv, dl = dims
+    with h5py.File(root / "A" / f"{a_name}.h5", "w") as fa, h5py.File(root / "V" / "denseface.h5", "w") as fv, \
+            h5py.File(root / "L" / "bert_large.h5", "w") as fl:
+        for uid, (_, _, y) in utts.items():
+            fa[uid] = _mmin_feature(rng, y, int(rng.integers(5, 12)), da)
+            fv[uid] = np.zeros((1, dv), np.float32) if uid in no_face else _mmin_feature(rng, y, int(rng.integers(2, 6)), dv)
+            if uid not in no_text:
+                fl[uid] = _mmin_feature(rng, y, int(rng.integers(3, 8)), dl)
+    if iemocap:
+        with h5py.File(root / "A" / "comparE_mean_std.h5", "w") as f:
+            for cv in range(1, 11):
+                f[f"{cv}/mean"] = np.zeros(da, np.float32)
+                f[f"{cv}/std"] = np.ones(da, np.float32)
+    n_cv = 2 * len(sessions)
+    for cv in range(1, n_cv + 1):
+        k = (cv + 1) // 2
+        val_g, test_g = ("M", "F") if cv % 2 else ("F", "M")
+        parts = {"trn": [u for u, (s, _, _) in utts.items() if s != k],
+                 "val": [u for u, (s, g, _) in utts.items() if s == k and g == val_g],
+                 "tst": [u for u, (s, g, _) in utts.items() if s == k and g == test_g]}
+        d = root / "target" / str(cv)
+        d.mkdir(parents=True, exist_ok=True)
+        for split, ids in parts.items():
+            ys = np.array([utts[u][2] for u in ids])
+            if iemocap:
+                np.save(d / f"{split}_label.npy", np.eye(4, dtype=np.float32)[ys])
+                np.save(d / f"{split}_int2name.npy", np.array([[u.encode()] for u in ids]))
+            else:
+                np.save(d / f"{split}_label.npy", ys.astype(np.int64))
+                np.save(d / f"{split}_int2name.npy", np.array(ids))
+    return root, {u: y for u, (_, _, y) in utts.items()}
+
+
+def make_mmsa(path: Path, corpus: str = "mosi", aligned: bool = True, sizes=(6, 3, 4), seed: int = 0,
+              protocol: int = 4) -> dict:
+    """An MMSA processed pickle (``aligned_50.pkl`` / ``unaligned_50.pkl``): train/valid/test, each with
+    ``raw_text``, ``audio``, ``vision``, ``id`` (``<video>$_$<segment>``), ``text`` (N, 50, 768),
+    ``text_bert`` (N, 3, 50), ``annotations``, ``classification_labels``, ``regression_labels`` and,
+    unaligned only, ``audio_lengths``/``vision_lengths``. Audio holds some -inf (COVAREP). Returns
+    the dict it pickled."""
+    import pickle
+
+    rng = np.random.default_rng(seed)
+    da, dv = (5, 20) if corpus == "mosi" else (74, 35)
+    ta, tv = (50, 50) if aligned else ((375, 500) if corpus == "mosi" else (500, 500))
+    data = {}
+    for j, split in enumerate(("train", "valid", "test")):
+        n = sizes[j]
+        words = rng.integers(3, 12, n)
+        reg = np.round(rng.uniform(-3, 3, n), 4).astype(np.float32)
+        bert = np.zeros((n, 3, 50), np.float32)
+        for i, w in enumerate(words):
+            bert[i, 0, : w + 2] = rng.integers(1000, 3000, w + 2)
+            bert[i, 1, : w + 2] = 1
+        audio = rng.normal(size=(n, ta, da)).astype(np.float32)
+        audio[0, 1, 0] = -np.inf
+        d = {"raw_text": np.array([f"words of {split} {i}" for i in range(n)], dtype=object),
+             "audio": audio, "vision": rng.normal(size=(n, tv, dv)).astype(np.float32),
+             "id": [f"vid{split}{i // 2}$_${i % 2 + 1}" for i in range(n)],
+             "text": rng.normal(size=(n, 50, 768)).astype(np.float32), "text_bert": bert,
+             "annotations": ["Positive" if r > 0 else "Negative" if r < 0 else "Neutral" for r in reg],
+             "classification_labels": np.sign(reg).astype(np.float32) + 1, "regression_labels": reg}
+        if not aligned:
+            d["audio_lengths"] = rng.integers(10, ta, n).tolist()
+            d["vision_lengths"] = rng.integers(10, tv, n).tolist()
+        data[split] = d
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as f:
+        pickle.dump(data, f, protocol=protocol)
+    return data

@@ -48,3 +48,25 @@ def write_store(dataset: str, key: str, *, modality: str, dim: int, frame_rate: 
     return {"key": key, "path": str(path), "dim": int(dim), "frame_rate": frame_rate,
             "utterances": len(store), "failed": failed, "written": written,
             **{k: v for k, v in attrs.items() if k in ("source", "feature", "format")}}
+
+
+def open_imported(dataset: str) -> dict | None:
+    """{modality: FeatureStore} of a dataset made by `imer import-features` (its ``features.json``),
+    or None for a dataset whose features are extracted from media. Training uses these stores as
+    they are, whatever extractors the method config names."""
+    from manifests.datasets import feature_map
+    from manifests.schema import ManifestError
+    from pipeline.store import FeatureStore, StoreError, store_path
+
+    mapping = feature_map(dataset)
+    if not mapping:
+        return None
+    stores = {}
+    for modality, entry in mapping.items():
+        try:
+            # by key under the current cache (the recorded absolute path goes stale if the cache moves)
+            stores[modality] = FeatureStore.open(store_path(dataset, entry["key"]))
+        except (KeyError, StoreError) as e:
+            raise ManifestError(f"dataset {dataset!r}: imported {modality} store unusable ({e}); re-run "
+                                f"`imer import-features` with the same --source") from None
+    return stores
