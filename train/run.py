@@ -277,7 +277,13 @@ def run_experiment(data: MultimodalData, folds: list, cfg: dict, *, dataset: str
 # ---- the dataset-level entry point -----------------------------------------------------------------
 
 def ensure_stores(dataset: str, cfg: dict, device: str, data_root=None, manifest=None) -> dict:
-    """{modality: FeatureStore} for the config's features, extracting whatever is missing."""
+    """{modality: FeatureStore} for the config's features, extracting whatever is missing. A dataset
+    made by `imer import-features` trains on its imported stores (no media, no extraction)."""
+    from manifests.importers import open_imported
+
+    imported = open_imported(dataset)
+    if imported is not None:
+        return imported
     try:
         from pipeline.runner import ensure_features
     except ImportError as e:
