@@ -75,7 +75,7 @@ class Sequences:
     @classmethod
     def from_list(cls, seqs: list, dim: int | None = None) -> "Sequences":
         """From a list of (T, D) arrays or None (absent)."""
-        dims = {s.shape[1] for s in seqs if s is not None and len(s)}
+        dims = {np.shape(s)[1] for s in seqs if s is not None and np.ndim(s) == 2}  # empty (0, D) counts too
         if dim is None:
             if len(dims) != 1:
                 raise DataError(f"cannot infer the feature dim from sequences of dims {sorted(dims)}")
@@ -190,22 +190,24 @@ class MultimodalData:
     # ---- construction ----------------------------------------------------------------------------
     @classmethod
     def from_arrays(cls, ids, y, seqs: dict[str, list], labels=None, task="classification",
-                    masks: dict[str, list] | None = None, invalid_frames: str = "drop", **kw) -> "MultimodalData":
+                    masks: dict[str, list] | None = None, invalid_frames: str = "drop",
+                    dims: dict[str, int] | None = None, **kw) -> "MultimodalData":
         """``seqs[m]`` is a list of (T, D) arrays (or None = absent) per utterance; ``masks[m]`` an
-        optional list of (T,) bool frame-validity masks (False = e.g. no face in that frame)."""
+        optional list of (T,) bool frame-validity masks (False = e.g. no face in that frame);
+        ``dims[m]`` the feature width, needed only when every sequence of ``m`` is None."""
         out = {}
         for m in MODALITIES:
             lst = list(seqs[m])
             if masks and masks.get(m) is not None:
                 lst = [_apply_mask(s, k, invalid_frames) for s, k in zip(lst, masks[m])]
-            out[m] = Sequences.from_list(lst)
+            out[m] = Sequences.from_list(lst, (dims or {}).get(m))
         return cls(ids, y, out, labels=labels, task=task, **kw)
 
     @classmethod
     def from_stores(cls, manifest, stores: dict, *, invalid_frames: str = "drop",
                     memory_budget: int | None = None, **kw) -> "MultimodalData":
         """One row per labelled manifest utterance; ``stores`` maps "audio"/"video"/"text" (or
-        "a"/"v"/"t") to feature stores (``.load() -> LoadedStore``, ``.get(id)``, ``.get_mask(id)``,
+        "a"/"v"/"t") to feature stores (``.load() -> LoadedStore``, ``store[id]``, ``.mask(id)``,
         ``.failures()``). Utterances absent from a store, failed, or without a valid frame get
         that modality marked missing; they are never dropped."""
         classification = manifest.labels is not None
@@ -379,11 +381,10 @@ def _failed_ids(store) -> set[str]:
 
 
 def _store_size(store) -> int | None:
-    for name in ("nbytes", "data_nbytes"):
-        v = getattr(store, name, None)
-        v = v() if callable(v) else v
-        if isinstance(v, (int, np.integer)):
-            return int(v)
+    """Bytes the store's frames take as float32 in memory (None when the store cannot say)."""
+    frames, dim = getattr(store, "n_frames", None), _attrs(store).get("dim")
+    if isinstance(frames, (int, np.integer)) and dim:
+        return int(frames) * int(dim) * 4
     return None
 
 
@@ -410,16 +411,16 @@ def _sequences_from_store(store, ids: list[str], invalid_frames: str, budget: in
         ln = np.where(ok, lengths[np.maximum(sel, 0)], 0) if len(lengths) else np.zeros(len(ids), np.int64)
         return Sequences(data, off, ln, dim)
 
-    # Too large for memory: read each utterance when a batch needs it.
+    # Too large for memory: read each utterance when a batch needs it (FeatureStore: store[id], store.mask(id)).
     have = set(store.ids()) - failed
     lengths = np.zeros(len(ids), np.int64)
     for i, u in enumerate(ids):
         if u in have:
-            mk = store.get_mask(u)
-            lengths[i] = int(np.asarray(mk, bool).sum()) if invalid_frames == "drop" else (len(mk) if np.any(mk) else 0)
+            mk = np.asarray(store.mask(u), bool)
+            lengths[i] = int(mk.sum()) if invalid_frames == "drop" else (len(mk) if mk.any() else 0)
 
     def reader(i: int, _ids=ids, _store=store) -> np.ndarray:
-        x = np.asarray(_store.get(_ids[i]), np.float32)
-        return _apply_mask(x, _store.get_mask(_ids[i]), invalid_frames)
+        x = np.asarray(_store[_ids[i]], np.float32)
+        return _apply_mask(x, _store.mask(_ids[i]), invalid_frames)
 
     return Sequences(None, np.zeros(len(ids), np.int64), lengths, dim, reader=reader)
