@@ -59,6 +59,10 @@ def standard_splits(corpus: str, splits_file: Path | None = None) -> dict[str, l
 
 
 def write_standard_folds(out_dir: Path, utts: list[Utterance], dataset: str, splits: dict[str, list[str]]) -> None:
+    for a, b in (("train", "test"), ("train", "valid"), ("valid", "test")):
+        both = set(splits[a]) & set(splits[b])
+        if both:  # the splits are video-disjoint: a video listed twice is an error, not "last wins"
+            raise ManifestError(f"{dataset}/standard: videos {sorted(both)[:5]} are in both {a} and {b}")
     where = {v: s for s in SPLITS for v in splits[s]}
     parts: dict[str, list[str]] = {s: [] for s in SPLITS}
     outside = 0
@@ -70,13 +74,7 @@ def write_standard_folds(out_dir: Path, utts: list[Utterance], dataset: str, spl
             parts[s].append(u.id)
     if outside:
         print(f"{dataset}: {outside} utterances belong to videos outside the standard splits (left out of the folds)")
-    fold = Fold("standard", parts["train"], parts["valid"], parts["test"])
-    videos = {u.id: u.session for u in utts}
-    for a, b in (("train", "test"), ("train", "valid"), ("valid", "test")):
-        both = {videos[i] for i in parts[a]} & {videos[i] for i in parts[b]}
-        if both:
-            raise ManifestError(f"{dataset}/standard: videos {sorted(both)[:5]} are in both {a} and {b}")
-    finish_folds(out_dir, "standard", [fold], utts, dataset)
+    finish_folds(out_dir, "standard", [Fold("standard", parts["train"], parts["valid"], parts["test"])], utts, dataset)
 
 
 def existing(root: Path, rel: str) -> str | None:
