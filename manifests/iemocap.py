@@ -72,7 +72,7 @@ def parse_emo_evaluation(path: Path) -> list[dict]:
     out = []
     with open(path, encoding="utf-8", errors="replace") as f:
         for no, raw in enumerate(f, 1):
-            line = raw.rstrip("\r\n")
+            line = raw.rstrip()  # CRLF copies and trailing blanks parse the same
             if not line.strip() or line.startswith("%"):
                 continue
             m = _SUMMARY.match(line)
@@ -98,7 +98,7 @@ def parse_transcription(path: Path) -> dict[str, str]:
     id_start = re.compile(rf"^{UTT_ID}\b")
     with open(path, encoding="utf-8", errors="replace") as f:
         for no, raw in enumerate(f, 1):
-            line = raw.rstrip("\r\n")
+            line = raw.rstrip()
             m = _TRANSCRIPT.match(line)
             if m:
                 out[m.group(1)] = m.group(4).strip()

@@ -118,3 +118,13 @@ def test_complete_corpus_is_held_to_documented_counts(tmp_path, monkeypatch):
     monkeypatch.setattr(iemocap, "DOCUMENTED_4", dict(Counter(MAP[e] for e in found.elements() if e in MAP)))
     iemocap.build(root, out)
     assert not (out / "count-report.txt").exists()
+
+
+def test_crlf_and_trailing_blanks_parse_the_same(tmp_path):
+    root, _ = make_iemocap(tmp_path, sessions=(1, 2), media=False)
+    want = read_manifest(iemocap.build(root, tmp_path / "a")).by_id()
+    for sub in ("EmoEvaluation", "transcriptions"):
+        p = root / "Session2/dialog" / sub / "Ses02F_impro01.txt"
+        p.write_bytes(p.read_bytes().replace(b"\n", b" \r\n"))
+    got = read_manifest(iemocap.build(root, tmp_path / "b")).by_id()
+    assert {k: (u.label, u.text, u.video) for k, u in got.items()} == {k: (u.label, u.text, u.video) for k, u in want.items()}
