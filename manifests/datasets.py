@@ -55,6 +55,17 @@ def canonical(dataset: str) -> str:
     return mod.DATASET if mod is not None else dataset
 
 
+def corpus_of(dataset: str) -> str:
+    """The corpus behind a dataset name: a recipe's own name (aliases resolved), or for features
+    imported with `imer import-features` the corpus they came from (``iemocap-mmin`` -> ``iemocap``),
+    so per-corpus settings such as MSP-IMPROV's F1 model selection apply either way."""
+    mod = recipes().get(dataset)
+    if mod is not None:
+        return mod.DATASET
+    doc = _read_json(manifest_dir(dataset) / "dataset.json") or {}
+    return doc.get("corpus") or dataset
+
+
 def manifest_dir(dataset: str) -> Path:
     return cache_root() / "manifests" / canonical(dataset)
 

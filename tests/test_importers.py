@@ -96,6 +96,17 @@ def test_mmin_msp_improv(tmp_path):
         assert f.test == np.load(root / "target" / f.name / "tst_int2name.npy").tolist()
 
 
+def test_imported_corpus_gets_its_corpus_settings(tmp_path):
+    from train.config import load_config
+
+    root, _ = make_mmin(tmp_path, "msp-improv", per_speaker=1, dims=(130, 8, 8))
+    name, _ = import_mmin(root, dataset="t-msp-settings")
+    assert datasets.corpus_of(name) == "msp-improv" and datasets.corpus_of("msp_improv") == "msp-improv"
+    # MMIN selects and reports macro-F1 on MSP-IMPROV (train/configs/_base.yaml), imported or not
+    assert load_config("baseline", name)["select"]["metric"] == load_config("baseline", "msp-improv")["select"]["metric"] == "f1"
+    assert load_config("baseline", "t-iemocap-unknown")["select"]["metric"] == "ua"
+
+
 def _break(root, what):
     t = root / "target"
     if what == "fold-missing":

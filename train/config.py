@@ -90,6 +90,10 @@ def load_config(name: str, dataset: str | None = None, overrides: dict | None = 
     name, ``cfg["method"]`` the method class in ``train/methods`` (defaults to the name)."""
     cfg = _read(name)
     per_dataset = cfg.pop("datasets", None) or {}
+    if dataset and dataset not in per_dataset:
+        from manifests.datasets import corpus_of
+
+        dataset = corpus_of(dataset)  # aliases and imported features (msp-improv-mmin) use their corpus's
     if dataset and dataset in per_dataset:
         cfg = deep_merge(cfg, per_dataset[dataset])
         # kept in the resolved config so results say what the dataset changed (e.g. fewer demo epochs)
