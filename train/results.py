@@ -97,7 +97,7 @@ def write_run_outputs(run_dir: Path, cfg: dict, meta: dict) -> str:
     doc = [f"# {cfg['name']} on {meta.get('dataset')}", "",
            f"Test results, mean ± std over {n_runs} fold × seed run(s) "
            f"(folds: {', '.join(sorted({r['fold'] for r in results}))}; seeds: {', '.join(str(s) for s in sorted({r['seed'] for r in results}))}). "
-           f"Model selection: validation {cfg.get('select', {}).get('metric')} pooled over "
+           f"Model selection: validation {results[0]['select_metric'] if results else cfg.get('select', {}).get('metric')} pooled over "
            f"{{{', '.join(cfg.get('select', {}).get('conditions', []))}}}.", ""]
     if note:
         doc += [note, ""]

@@ -116,6 +116,17 @@ def output_loss(task: str, y: np.ndarray, out: np.ndarray) -> float:
     return float(np.abs(out.reshape(len(out), -1)[:, 0] - y).mean())
 
 
+def select_metric(name: str | None, task: str) -> str:
+    """The validation metric that picks the checkpoint: ``auto`` (or none) = UA for classification,
+    MAE for regression; otherwise it must be one the task computes."""
+    if not name or name == "auto":
+        return "ua" if task == "classification" else "mae"
+    known = metrics.CLASSIFICATION if task == "classification" else tuple(metrics.regression_metrics([], []))
+    if name not in known:
+        raise ValueError(f"select.metric {name!r} is not a {task} metric; use auto or one of {', '.join(k for k in known if k != 'n')}")
+    return name
+
+
 # ---- the trainer ---------------------------------------------------------------------------------
 
 def _save(obj, path: Path) -> None:
@@ -153,7 +164,7 @@ class Trainer:
         self.callbacks = list(callbacks)
         self.desc = desc
         self.amp = str(device).startswith("cuda") and bool(self.tcfg.get("amp", True))
-        self.metric = self.scfg.get("metric", "ua" if data.task == "classification" else "mae")
+        self.metric = select_metric(self.scfg.get("metric"), data.task)
         self.select_conditions = self.scfg.get("conditions", ["avt"])
 
     @property

@@ -1,0 +1,61 @@
+"""Train a method on every fold x seed of a dataset and evaluate every missing-modality condition.
+
+Missing feature stores are extracted first (the stage runner); results go to
+results/<dataset>/<method>/<run-id>/ (config, metrics JSON/CSV, Table-5-style table.md, curves and
+a per-condition chart); the table is printed. Rerunning the same command resumes an interrupted
+run. Examples:
+
+  imer train --dataset demo --method mmin
+  imer train --dataset iemocap --data-root /data/IEMOCAP_full_release --method baseline --folds 1,2 --seeds 0
+  imer train --dataset demo --method baseline,baseline-aug,mmin --set train.batch_size=64
+"""
+
+from __future__ import annotations
+
+import sys
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--dataset", required=True, help="dataset name (demo, iemocap, msp-improv, mosi, mosei, own, or imported)")
+    p.add_argument("--method", required=True, help="method config(s), comma-separated (see train/configs/)")
+    p.add_argument("--folds", help="fold names or 1-based positions, comma-separated (default: all)")
+    p.add_argument("--seeds", help="seeds, comma-separated (default: the config's)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto: CUDA with AMP when present)")
+    p.add_argument("--protocol", help="fold protocol (default: the dataset's first, e.g. mmin10 for IEMOCAP)")
+    p.add_argument("--data-root", help="raw corpus directory (builds the manifest)")
+    p.add_argument("--manifest", help="use this manifest instead of the cached/built one")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. train.batch_size=64 (repeatable)")
+    p.add_argument("--results", help="results root (default $IMER_RESULTS or ./results)")
+    p.add_argument("--run-id", help="name of the run folder (default: timestamp + config hash)")
+    p.add_argument("--fresh", action="store_true", help="start a new run instead of resuming an unfinished one")
+    p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def main(args) -> int:
+    from manifests.schema import ManifestError
+    from train.config import ConfigError, list_configs, parse_override
+    from train.data import DataError
+    from train.run import train_method
+
+    methods = [m.strip() for m in args.method.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in list_configs()]
+    if unknown:
+        print(f"imer train: unknown method(s) {', '.join(unknown)}; known: {', '.join(list_configs())}", file=sys.stderr)
+        return 2
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    try:
+        overrides = dict(parse_override(o) for o in args.overrides)
+        for m in methods:
+            train_method(args.dataset, m, folds=args.folds, seeds=args.seeds, device=args.device,
+                         data_root=args.data_root, manifest=args.manifest, protocol=args.protocol,
+                         results_dir=args.results, run_id=args.run_id, overrides=overrides,
+                         resume=not args.fresh, progress=not args.no_progress)
+    except (ConfigError, DataError, ManifestError, FileNotFoundError) as e:
+        print(f"imer train: {e}", file=sys.stderr)
+        return 2
+    return 0
