@@ -32,11 +32,12 @@ def add_arguments(p) -> None:
 
 def main(args) -> int:
     from manifests._common import summary
-    from manifests.datasets import build_manifest, load_folds, manifest_dir, protocols
+    from manifests.datasets import build_manifest, load_folds, manifest_dir, protocols, recipes
     from manifests.schema import ManifestError, read_manifest
 
+    imported = args.dataset not in recipes() and (manifest_dir(args.dataset) / "manifest.jsonl").is_file()
     try:
-        if args.show:
+        if args.show or imported:  # an imported dataset has no raw layout to rebuild from
             path = manifest_dir(args.dataset) / "manifest.jsonl"
         else:
             options = {"seed": args.seed, "accept_counts": args.accept_counts}
