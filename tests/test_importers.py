@@ -96,6 +96,24 @@ def test_mmin_msp_improv(tmp_path):
         assert f.test == np.load(root / "target" / f.name / "tst_int2name.npy").tolist()
 
 
+def test_mmin_ids_saved_as_object_arrays(tmp_path, capsys, monkeypatch):
+    """Id lists saved from Python lists of str are object arrays (pickled inside the .npy): read
+    with the restricted unpickler; one that would run code is refused."""
+    root, labels = make_mmin(tmp_path, "msp-improv", per_speaker=1, dims=(130, 8, 8),
+                             no_text=("MSP-IMPROV-S01A-F02-S-FM01",))
+    for p in (root / "target").glob("*/*_int2name.npy"):
+        np.save(p, np.array(np.load(p).tolist(), dtype=object))
+    assert np.load(root / "target/1/trn_int2name.npy", allow_pickle=True).dtype == object
+    name, _ = import_mmin(root, dataset="t-msp-objects")
+    assert {u.id: u.label_index for u in read_manifest(datasets.manifest_dir(name) / "manifest.jsonl")} == labels
+    assert "bert_large.h5: 1 of the 12 utterances in target/ are not in this file (kept without text)" in capsys.readouterr().out
+    monkeypatch.chdir(tmp_path)
+    np.save(root / "target/2/val_int2name.npy", np.array([_Evil()], dtype=object))
+    with pytest.raises(ManifestError, match=r"2/val_int2name\.npy: not a readable \.npy file \(refusing to load"):
+        import_mmin(root, dataset="t-msp-objects2")
+    assert not (tmp_path / "PWNED").exists()
+
+
 def test_imported_corpus_gets_its_corpus_settings(tmp_path):
     from train.config import load_config
 

@@ -67,6 +67,30 @@ def _labels(arr: np.ndarray, path: Path) -> list[int]:
     return [int(x) for x in a]
 
 
+def load_npy(path: Path) -> np.ndarray:
+    """A target .npy; arrays of Python objects (ids saved as a list of strings) are pickled inside
+    the file and are read with the restricted unpickler, never with ``allow_pickle=True``."""
+    import pickle
+
+    from manifests.importers.mmsa import safe_unpickle
+
+    try:
+        return np.load(path, allow_pickle=False)
+    except ValueError as e:
+        if "allow_pickle" not in str(e):
+            raise ManifestError(f"{path}: not a readable .npy file ({e})") from None
+    fmt = np.lib.format
+    try:
+        with open(path, "rb") as f:
+            version = fmt.read_magic(f)
+            read_header = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+            shape, _, _ = read_header(f)
+            arr = np.asarray(safe_unpickle(f))
+    except (ValueError, EOFError, pickle.UnpicklingError) as e:
+        raise ManifestError(f"{path}: not a readable .npy file ({e})") from None
+    return arr.reshape(shape)
+
+
 def read_targets(root: Path, corpus: str) -> tuple[dict[str, int], list[Fold]]:
     tdir = root / "target"
     cvs = sorted((int(p.name) for p in tdir.iterdir() if p.is_dir() and p.name.isdigit())) if tdir.is_dir() else []
@@ -83,7 +107,7 @@ def read_targets(root: Path, corpus: str) -> tuple[dict[str, int], list[Fold]]:
             for p in (lp, np_):
                 if not p.is_file():
                     raise ManifestError(f"{p}: missing; each target/<cv>/ needs {{trn,val,tst}}_{{label,int2name}}.npy")
-            names, ys = _names(np.load(np_, allow_pickle=False), np_), _labels(np.load(lp, allow_pickle=False), lp)
+            names, ys = _names(load_npy(np_), np_), _labels(load_npy(lp), lp)
             if len(names) != len(ys):
                 raise ManifestError(f"{tdir / str(cv)}: {s}_int2name has {len(names)} ids but {s}_label has {len(ys)} labels")
             for n, y in zip(names, ys):
@@ -159,6 +183,9 @@ def import_mmin(feature_root: str | Path, corpus: str | None = None, dataset: st
             raise ManifestError(f"{path}: not found; MMIN's {modality} features go in {d.name}/<feature>.h5 "
                                 f"(found: {have}); choose another with --{modality} NAME")
         dim, n = _h5_dim(path, ids)
+        if n < len(ids):
+            print(f"{path.name}: {len(ids) - n} of the {len(ids)} utterances in target/ are not in this file "
+                  f"(kept without {modality})")
         digest = file_digest(path)
         key = f"mmin-{feature}-{digest[:12]}"
         mapping[modality] = write_store(

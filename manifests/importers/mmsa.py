@@ -50,10 +50,15 @@ class _SafeUnpickler(pickle.Unpickler):
                                      "numpy arrays and plain containers")
 
 
+def safe_unpickle(f):
+    """Unpickle from an open binary file, accepting only numpy arrays and plain containers."""
+    return _SafeUnpickler(f).load()
+
+
 def load_pickle(path: Path) -> dict:
     try:
         with open(path, "rb") as f:
-            data = _SafeUnpickler(io.BufferedReader(f)).load()
+            data = safe_unpickle(io.BufferedReader(f))
     except (pickle.UnpicklingError, EOFError, ValueError) as e:
         raise ManifestError(f"{path}: not an MMSA feature pickle ({e})") from None
     if not isinstance(data, dict) or set(SPLITS) - set(data):
