@@ -122,7 +122,8 @@ def test_imported_corpus_gets_its_corpus_settings(tmp_path):
     assert datasets.corpus_of(name) == "msp-improv" and datasets.corpus_of("msp_improv") == "msp-improv"
     # MMIN selects and reports macro-F1 on MSP-IMPROV (train/configs/_base.yaml), imported or not
     assert load_config("baseline", name)["select"]["metric"] == load_config("baseline", "msp-improv")["select"]["metric"] == "f1"
-    assert load_config("baseline", "t-iemocap-unknown")["select"]["metric"] == "ua"
+    plain = load_config("baseline", "t-no-such-dataset")  # neither a recipe nor imported: no override
+    assert plain == load_config("baseline") and "dataset_override" not in plain
 
 
 def _break(root, what):
