@@ -16,6 +16,7 @@ modality is missing for it, which the training side treats as such.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import ClassVar
 
 import numpy as np
@@ -35,6 +36,25 @@ TRACK_COLUMNS = ("prob", "x1", "y1", "x2", "y2",
 _ARCFACE = np.array([[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366],
                      [41.5493, 92.3655], [70.7299, 92.2041]]) / 112.0
 FACE_TEMPLATE = (0.5 + 0.9 * (_ARCFACE - 0.5) + np.array([0.0, -0.08])).astype(np.float32)
+
+
+@contextmanager
+def torch_threads(device: str, n: int | None):
+    """Run torch with ``n`` intra-op threads while on CPU (the previous count is restored). MTCNN and
+    these small CNNs are thousands of tiny ops (one resize per candidate box): on a busy 2-core
+    machine two threads ran them 5-15x slower than one, waiting on each other. Scale out with
+    ``imer features --workers N`` instead. ``n`` None, or a CUDA device: unchanged."""
+    import torch
+
+    old = torch.get_num_threads()
+    if n is None or not str(device).startswith("cpu") or n == old:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
 
 
 def choose_face(boxes: np.ndarray, probs: np.ndarray, width: int, side: str | None) -> int | None:
@@ -89,6 +109,11 @@ class Faces(Extractor):
         "thresholds": [0.6, 0.7, 0.7],  # P-, R-, O-Net score thresholds (facenet-pytorch defaults)
     }
     frame_batch = 32  # frames per MTCNN call (same output for any value; only speed and memory change)
+    cpu_threads: ClassVar[int | None] = 1  # torch threads on CPU, see torch_threads
+
+    def extract(self, utts):
+        with torch_threads(self.device, self.cpu_threads):
+            return super().extract(utts)
 
     @property
     def dim(self) -> int:
@@ -161,6 +186,11 @@ class FaceFeatureExtractor(Extractor):
     requires = ("faces",)
     crop_size: ClassVar[int] = 112
     frame_batch = 64  # aligned faces per embed() call (same output for any value)
+    cpu_threads: ClassVar[int | None] = 1  # torch threads on CPU, see torch_threads
+
+    def extract(self, utts):
+        with torch_threads(self.device, self.cpu_threads):
+            return super().extract(utts)
 
     @property
     def frame_rate(self) -> float | None:
@@ -212,7 +242,13 @@ class FaceFeatureExtractor(Extractor):
             raise ValueError(f"{video.path}: the faces track of {utt.id} has {len(track)} frames but the video now "
                              f"gives {i}; the video changed or the faces stage used another fps — re-extract faces")
         flush()
+        bad = mask & ~np.isfinite(feats).all(1)  # e.g. a head pose that did not solve
+        if bad.any():
+            feats[bad], mask[bad] = 0.0, False
+            info["non_finite"] = int(bad.sum())
         info["faces"] = int(mask.sum())
+        if not mask.any():
+            info["no_face"] = True
         return Output(feats, mask, info)
 
     def _track(self, utt: Utterance) -> tuple[np.ndarray, np.ndarray]:
