@@ -87,7 +87,7 @@ def read_fer2013(path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
     path = Path(path)
     df = _read_csv(path, FER2013_COLUMNS)
-    usage = df["Usage"].to_numpy(str)
+    usage = np.array(df["Usage"].str.strip().tolist(), dtype=object)  # plain str: messages show 'Train', not np.str_
     labels = _integers(path, df, ["emotion"])[:, 0]
     images = np.empty((len(df), 64, 64), np.uint8)
     for i, (s, u, y) in enumerate(zip(df["pixels"], usage, labels)):
@@ -114,7 +114,7 @@ def read_ferplus(path, usage: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     if len(df) != len(usage):
         raise ValueError(f"{path}: {len(df)} rows but fer2013.csv has {len(usage)}; FER+ labels must be the "
                          "fer2013new.csv that matches that fer2013.csv row for row")
-    differ = np.flatnonzero(df["Usage"].to_numpy(str) != usage)
+    differ = np.flatnonzero(np.array(df["Usage"].str.strip().tolist(), dtype=object) != usage)
     if len(differ):
         i = int(differ[0])
         raise ValueError(f"{path}:{i + 2}: Usage {df['Usage'].iloc[i]!r} differs from fer2013.csv's {usage[i]!r}; "
