@@ -337,3 +337,33 @@ def test_default_set_has_the_offline_visual_extractors():
     names = {e.name for e in default_extractors()}
     assert {"faces", "fer-cnn", "openface"} <= names and "denseface" not in names
 
+
+
+def test_imer_features_on_the_demo_writes_fer_cnn_and_openface_stores(tiny_demo, tmp_path, monkeypatch, capsys):
+    """`imer features --dataset demo` (what `make features` runs) on three demo utterances, one with
+    an occluded stretch: both default face stores are written; masks follow the generator's truth."""
+    from manifests.schema import read_manifest, write_manifest
+    from pipeline.cli import main as imer
+    from pipeline.store import store_path
+
+    monkeypatch.setenv("IMER_CACHE", str(tmp_path / "cache"))  # the demo's stores, just for this test
+    demo = read_manifest(tiny_demo)
+    occluded = [u for u in demo if u.extra["occluded"]][:1]
+    picked = occluded + [u for u in demo if not u.extra["occluded"]][:2]
+    sub = write_manifest(tmp_path / "sub.jsonl", picked, "demo", demo.labels)
+    args = ["features", "--dataset", "demo", "--manifest", str(sub), "--extractors", "fer-cnn,openface",
+            "--device", "auto", "--no-progress"]
+    assert imer(args) == 0
+    out = capsys.readouterr().out
+    assert out.count("computed 3, cached 0, failed 0") == 3
+    for name, dim in (("faces", 15), ("fer-cnn", 128), ("openface", 345)):
+        assert f"{create(name).key}: computed 3" in out
+        st = FeatureStore.open(store_path("demo", create(name).key))
+        assert st.dim == dim and sorted(st.ids()) == sorted(u.id for u in picked)
+        for u in picked:
+            visible = np.ones(u.extra["n_frames"], bool)
+            for a, b in u.extra["occluded"]:
+                visible[a:b] = False
+            np.testing.assert_array_equal(st.mask(u.id), visible)
+    assert imer(args) == 0  # nothing new: every stage cached
+    assert capsys.readouterr().out.count("computed 0, cached 3, failed 0") == 3
