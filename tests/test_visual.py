@@ -367,3 +367,30 @@ def test_imer_features_on_the_demo_writes_fer_cnn_and_openface_stores(tiny_demo,
             np.testing.assert_array_equal(st.mask(u.id), visible)
     assert imer(args) == 0  # nothing new: every stage cached
     assert capsys.readouterr().out.count("computed 0, cached 3, failed 0") == 3
+
+
+def test_fallback_nms_matches_a_plain_greedy_reference():
+    """The pure-torch stand-in for torchvision's batched_nms (used where torchvision cannot load)."""
+    import torch
+
+    from extract.mtcnn import _batched_nms
+
+    rng = np.random.default_rng(0)
+    xy = rng.uniform(0, 60, (300, 2))
+    boxes = np.concatenate([xy, xy + rng.uniform(5, 30, (300, 2))], 1).astype(np.float32)
+    scores = rng.permutation(300).astype(np.float32)  # distinct: the order is unambiguous
+    image = rng.integers(0, 3, 300)
+
+    def iou(a, b):
+        w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+        h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+        inter = w * h
+        return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
+
+    want = []
+    for i in np.argsort(-scores):
+        if all(image[k] != image[i] or iou(boxes[k], boxes[i]) <= 0.5 for k in want):
+            want.append(int(i))
+    got = _batched_nms(torch.from_numpy(boxes), torch.from_numpy(scores), torch.from_numpy(image), 0.5)
+    assert got.dtype == torch.long and got.tolist() == want
+    assert _batched_nms(torch.zeros(0, 4), torch.zeros(0), torch.zeros(0, dtype=torch.long), 0.5).numel() == 0
