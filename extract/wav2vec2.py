@@ -57,7 +57,8 @@ class Wav2Vec2(Extractor):
             from transformers import AutoConfig
 
             try:
-                self._config = AutoConfig.from_pretrained(self.params["model"], revision=self.params["revision"])
+                self._config = AutoConfig.from_pretrained(self.params["model"], revision=self.params["revision"],
+                                                           local_files_only=True)  # never download at run time
             except (OSError, ValueError) as e:
                 raise ExtractorUnavailable(self._unavailable(e)) from None
         return self._config
@@ -87,7 +88,14 @@ class Wav2Vec2(Extractor):
         return (f"wav2vec2: no weights for {self.params['model']!r} here (runs are offline). Provide them: download "
                 f"once where there is network (`huggingface-cli download {self.params['model']}`) into the HF cache "
                 f"(or point HF_HOME at a cache that holds it), or set the extractor's model parameter to a local "
-                f"directory saved with save_pretrained. [{str(err).splitlines()[0] if str(err) else type(err).__name__}]")
+                f"directory saved with save_pretrained. [{self._why(err)}]")
+
+    def _why(self, err: Exception | str) -> str:
+        if not Path(self.params["model"]).expanduser().is_dir():  # a hub id looked up in the cache only
+            from huggingface_hub.constants import HF_HUB_CACHE
+
+            return f"not found in the Hugging Face cache {HF_HUB_CACHE}"
+        return str(err).splitlines()[0] if str(err) else type(err).__name__
 
     # -- running ---------------------------------------------------------------------------------
     def load(self) -> None:
@@ -97,14 +105,16 @@ class Wav2Vec2(Extractor):
 
         cfg = self._model_config()
         try:
-            model = AutoModel.from_pretrained(self.params["model"], revision=self.params["revision"])
+            model = AutoModel.from_pretrained(self.params["model"], revision=self.params["revision"],
+                                              local_files_only=True)
         except (OSError, ValueError) as e:
             raise ExtractorUnavailable(self._unavailable(e)) from None
         if not hasattr(model, "feature_extractor") or not hasattr(model, "_get_feat_extract_output_lengths"):
             raise ExtractorUnavailable(f"wav2vec2: {self.params['model']!r} is a {type(model).__name__}, not a "
                                        "wav2vec2-style speech model (wav2vec2, HuBERT, WavLM, data2vec-audio)")
         try:
-            self._fe = AutoFeatureExtractor.from_pretrained(self.params["model"], revision=self.params["revision"])
+            self._fe = AutoFeatureExtractor.from_pretrained(self.params["model"], revision=self.params["revision"],
+                                                            local_files_only=True)
         except (OSError, ValueError):  # no preprocessor_config.json: the wav2vec2 defaults (per-utterance z-norm)
             self._fe = Wav2Vec2FeatureExtractor(sampling_rate=SR, do_normalize=True)
         n_hidden = cfg.num_hidden_layers + 1
