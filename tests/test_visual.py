@@ -394,3 +394,49 @@ def test_fallback_nms_matches_a_plain_greedy_reference():
     got = _batched_nms(torch.from_numpy(boxes), torch.from_numpy(scores), torch.from_numpy(image), 0.5)
     assert got.dtype == torch.long and got.tolist() == want
     assert _batched_nms(torch.zeros(0, 4), torch.zeros(0), torch.zeros(0, dtype=torch.long), 0.5).numel() == 0
+
+
+def test_alignment_puts_the_five_points_on_the_template():
+    """Five dots placed by a known similarity transform (rotation 20 deg, scale 1.7, shift) of the
+    template land, after align_face, on the template positions of the crop."""
+    from extract.faces import FACE_TEMPLATE
+
+    size, a, s = 112, np.deg2rad(20), 1.7
+    rot = s * np.array([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]])
+    pts = (FACE_TEMPLATE * size - size / 2) @ rot.T + [150, 110]
+    frame = np.zeros((240, 320, 3), np.uint8)
+    for x, y in pts:
+        cv2.circle(frame, (int(round(x * 16)), int(round(y * 16))), 3 * 16, (255, 255, 255), -1, cv2.LINE_AA, 4)
+    crop = align_face(frame, pts, size)
+    gray = crop[..., 0].astype(float)
+    n, lab = cv2.connectedComponents((gray > 60).astype(np.uint8))
+    assert n - 1 == 5
+    yy, xx = np.mgrid[:size, :size]
+    found = np.array([[(xx * gray)[lab == k].sum(), (yy * gray)[lab == k].sum()] / gray[lab == k].sum()
+                      for k in range(1, n)])
+    want = FACE_TEMPLATE * size
+    dist = np.linalg.norm(found[:, None] - want[None], axis=2)
+    assert dist.min(1).max() < 1.0  # pixels
+    with pytest.raises(ValueError, match="degenerate face landmarks"):
+        align_face(frame, np.zeros((5, 2)), size)
+
+
+def test_faces_at_a_chosen_rate_and_features_follow_it(videos, tmp_path):
+    """faces:fps=10 on the 25 fps clip (0.48 s) analyses the frames on screen at 0, 0.1, ... 0.4 s;
+    a face extractor reading that track decodes at the track's rate."""
+    from pipeline.runner import store_attrs
+
+    u = Utterance("face", DATASET, video=Media(str(videos["face"])))
+    faces = create("faces", fps=10)
+    assert faces.frame_rate == 10
+    out = faces.extract([u])[0]
+    assert out.features.shape == (5, 15) and "fps" not in out.info
+    # frames 0, 2(.5), 5, 7(.5), 10: the occluded ones (5..8) have no face
+    assert out.mask.tolist() == [True, True, False, False, True]
+    st = FeatureStore.open_or_create(tmp_path / "faces10", dim=15, attrs=store_attrs(faces, DATASET))
+    st.commit({u.id: (out, faces.fingerprint(u))})
+    fer = create("fer-cnn")
+    fer.upstream = {"faces": st}
+    assert fer.frame_rate == 10
+    got = fer.extract([u])[0]
+    assert got.features.shape == (5, 128) and got.mask.tolist() == out.mask.tolist()
