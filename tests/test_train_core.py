@@ -152,6 +152,25 @@ def test_encoders_ignore_batch_padding(data):
         assert torch.allclose(alone[mod][0], mixed[mod][0], atol=1e-5)
 
 
+@pytest.mark.parametrize("pool", ["max", "last", "mean"])
+def test_lstm_encoder_equals_packed_sequences(pool):
+    from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+    from train.nets import LSTMEncoder
+
+    torch.manual_seed(0)
+    enc = LSTMEncoder(5, hidden=7, pool=pool)
+    x, lengths = torch.randn(4, 9, 5), torch.tensor([9, 3, 1, 6])
+    for b, n in enumerate(lengths):
+        x[b, n:] = 0
+    out, (h, _) = enc.rnn(pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False))
+    out, _ = pad_packed_sequence(out, batch_first=True, total_length=9)
+    ref = {"last": h[-1],
+           "max": torch.stack([out[b, :n].amax(0) for b, n in enumerate(lengths)]),
+           "mean": torch.stack([out[b, :n].mean(0) for b, n in enumerate(lengths)])}[pool]
+    assert torch.allclose(enc(x, lengths), ref, atol=1e-6)
+
+
 def _batch_of(data, rows):
     return data.collate(np.asarray(rows))
 

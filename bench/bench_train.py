@@ -1,0 +1,203 @@
+"""Training speed per method: seconds per epoch and training samples/s.
+
+Two data sets:
+- ``iemocap-synthetic``: random features shaped like IEMOCAP's MMIN features (5531 utterances;
+  A 130-d x ~500 frames, V 342-d x ~50, L 1024-d x ~25; one fold = ~80% train, ~10% validation).
+  Only ``--batches`` training batches and as many validation batches are timed (after one warm-up
+  batch) and the epoch time is extrapolated from them: a full epoch would take minutes per method
+  on a CPU. The JSON says so (``extrapolated: true``).
+- ``demo``: the demo corpus' real features (the demo configs' extractors; extracted first if
+  missing), fold 1, one full epoch timed per method (``extrapolated: false``).
+
+An epoch = training on the train split (each method's missing-condition sampling) + evaluating the
+validation split under the method's selection conditions (1 for baseline, 6 for the others).
+
+    .venv/bin/python bench/bench_train.py [--batches 3] [--device auto] [--threads N] [--skip-demo]
+Writes bench/results/train.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import write_result  # noqa: E402
+
+METHODS = ["baseline", "baseline-aug", "mmin"]
+IEMOCAP = {"n": 5531, "dims": {"a": 130, "v": 342, "t": 1024},
+           "lengths": {"a": (400, 600), "v": (40, 60), "t": (15, 35)}, "train_share": 0.8, "val_share": 0.1}
+
+
+def build(name: str, dataset: str, data, device: str):
+    """The method with its config for ``dataset``; MMIN gets a (random) baseline as prerequisite."""
+    import torch
+
+    from train.config import load_config
+    from train.methods import build as build_method
+
+    cfg = load_config(name, dataset)
+    torch.manual_seed(0)
+    m = build_method(cfg, data.spec)
+    if cfg.get("requires"):
+        m.attach({role: build_method(load_config(req, dataset), data.spec) for role, req in cfg["requires"].items()})
+    return m.to(device), cfg
+
+
+def time_batches(method, cfg, data, train_idx, val_idx, device: str, max_batches: int | None):
+    """(train seconds, train samples, val seconds, val condition-samples) over at most
+    ``max_batches`` batches each (None = the whole split), after one untimed warm-up batch."""
+    import numpy as np
+    import torch
+
+    from train.conditions import apply_availability, availability, sample_availability
+    from train.data import Normalizer, batch_to
+    from train.trainer import make_optimizer
+
+    amp = device.startswith("cuda") and bool(cfg["train"].get("amp", True))
+    bs = int(cfg["train"]["batch_size"])
+    norm = Normalizer.fit(data, train_idx, cfg["data"]["normalize"])
+    params = method.trainable_parameters()
+    opt = make_optimizer(params, cfg["train"]["optimizer"])
+    scaler = torch.amp.GradScaler("cuda", enabled=amp)
+    rng = np.random.default_rng(0)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+
+    def step(batch):
+        b = batch_to(apply_availability(batch, sample_availability(cfg["train"].get("missing"), len(batch["y"]), rng)), device)
+        with torch.autocast(device_type="cuda", dtype=torch.float16, enabled=amp):
+            loss, _ = method.loss(b)
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)
+        torch.nn.utils.clip_grad_norm_(params, float(cfg["train"].get("clip_grad_norm") or 1e9))
+        scaler.step(opt)
+        scaler.update()
+
+    method.train()
+    batches = data.batches(train_idx, bs, norm, rng=rng)
+    step(next(batches))  # warm-up
+    sync()
+    t, n, k = time.perf_counter(), 0, 0
+    for batch in batches:
+        step(batch)
+        n += len(batch["y"])
+        k += 1
+        if max_batches and k >= max_batches:
+            break
+    sync()
+    train_s = time.perf_counter() - t
+
+    conds = cfg["select"]["conditions"]
+    method.eval()
+    vbs = max(bs, 256)
+    t, nv, k = time.perf_counter(), 0, 0
+    with torch.no_grad():
+        for batch in data.batches(val_idx, vbs, norm):
+            for c in conds:
+                b = apply_availability(batch, np.tile(availability(c), (len(batch["y"]), 1)))
+                b.pop("x_full")
+                with torch.autocast(device_type="cuda", dtype=torch.float16, enabled=amp):
+                    method.predict(batch_to(b, device))
+                nv += len(batch["y"])
+            k += 1
+            if max_batches and k >= max_batches:
+                break
+    sync()
+    return train_s, n, time.perf_counter() - t, nv
+
+
+def figures(name, dataset, data, train_idx, val_idx, device, max_batches, n_train, n_val) -> dict:
+    method, cfg = build(name, dataset, data, device)
+    train_s, n, val_s, nv = time_batches(method, cfg, data, train_idx, val_idx, device, max_batches)
+    tr_sps, val_sps = n / train_s, nv / val_s
+    n_cond = len(cfg["select"]["conditions"])
+    epoch_s = n_train / tr_sps + n_val * n_cond / val_sps
+    return {"epoch_s": round(epoch_s, 2), "train_samples_per_s": round(tr_sps, 1),
+            "val_condition_samples_per_s": round(val_sps, 1), "batch_size": int(cfg["train"]["batch_size"]),
+            "epochs_in_config": _epochs(cfg), "timed_train_samples": n, "timed_val_condition_samples": nv,
+            "train_utterances_per_epoch": n_train, "val_utterances": n_val, "val_conditions": n_cond}
+
+
+def _epochs(cfg) -> int:
+    from train.trainer import total_epochs
+
+    return total_epochs(cfg["train"])
+
+
+def iemocap_synthetic(batches: int, device: str) -> dict:
+    import numpy as np
+
+    from train.synthetic import synthetic_data
+
+    n_train = int(IEMOCAP["n"] * IEMOCAP["train_share"])
+    n_val = int(IEMOCAP["n"] * IEMOCAP["val_share"])
+    # only the utterances the timed batches read are generated (1 warm-up + ``batches`` of 128)
+    n_gen = 128 * (batches + 1) + 256 * batches
+    data = synthetic_data(n=n_gen, dims=IEMOCAP["dims"], lengths=IEMOCAP["lengths"], seed=0)
+    tr, va = np.arange(128 * (batches + 1)), np.arange(128 * (batches + 1), n_gen)
+    out = {"extrapolated": True, "timed_batches": batches,
+           "note": f"{batches} training and {batches} validation batches timed after one warm-up batch; "
+                   f"epoch_s = {n_train} train utterances / train samples/s + {n_val} val utterances x "
+                   "selection conditions / val samples/s",
+           "shape": {"utterances": IEMOCAP["n"], "dims": IEMOCAP["dims"], "frames": IEMOCAP["lengths"]}}
+    for name in METHODS:
+        out[name] = figures(name, "iemocap", data, tr, va, device, batches, n_train, n_val)
+        print(f"  iemocap-synthetic {name}: {out[name]['epoch_s']} s/epoch, "
+              f"{out[name]['train_samples_per_s']} train samples/s", flush=True)
+    return out
+
+
+def demo(device: str) -> dict:
+    from manifests.datasets import load_folds, load_manifest
+    from train.config import load_config
+    from train.run import build_data, ensure_stores
+
+    cfg = load_config("mmin", "demo")
+    man = load_manifest("demo")
+    _, folds = load_folds("demo")
+    data = build_data(man, ensure_stores("demo", cfg, device), cfg)
+    fold = folds[0]
+    tr, va = data.indices(fold.train), data.indices(fold.val)
+    out = {"extrapolated": False, "fold": fold.name, "utterances": len(data), "dims": data.spec.dims,
+           "note": "one full epoch timed (after one warm-up batch) on fold 1 of the demo corpus"}
+    for name in METHODS:
+        out[name] = figures(name, "demo", data, tr, va, device, None, len(tr), len(va))
+        print(f"  demo {name}: {out[name]['epoch_s']} s/epoch, {out[name]['train_samples_per_s']} train samples/s",
+              flush=True)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--batches", type=int, default=3, help="timed batches on the IEMOCAP-sized set (default 3)")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    ap.add_argument("--skip-demo", action="store_true", help="only the synthetic IEMOCAP-sized set")
+    args, _ = ap.parse_known_args()
+
+    import torch
+
+    from pipeline.device import resolve_device
+
+    device = resolve_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    res = {"device": device, "torch_threads": torch.get_num_threads(), "amp": device.startswith("cuda"),
+           "cpu_count": os.cpu_count(), "load_avg_1min": round(os.getloadavg()[0], 2)}
+    t = time.perf_counter()
+    res["iemocap-synthetic"] = iemocap_synthetic(args.batches, device)
+    if not args.skip_demo:
+        res["demo"] = demo(device)
+    res["bench_s"] = round(time.perf_counter() - t, 1)
+    write_result("train", res)
+
+
+if __name__ == "__main__":
+    main()
