@@ -3,7 +3,7 @@
 libespeak-ng keeps hidden state between utterances (a static pitch-flutter index in its wave
 generator), so the same text and settings give slightly different samples depending on what was
 spoken before in the process. To make every corpus byte-identical for a seed, a whole batch is
-synthesised in a *fresh* spawned process, always in the same order (:func:`synthesize_batch`).
+synthesised in a *fresh* Python process, always in the same order (:func:`synthesize_batch`).
 """
 
 from __future__ import annotations
@@ -68,16 +68,19 @@ class _Espeak:
 
         self._cb = cb_type(on_audio)  # keep a reference: the library calls it later
         lib.espeak_SetSynthCallback(self._cb)
+        lib.espeak_ng_SetRandSeed.argtypes = [ctypes.c_long]
         self.lib = lib
 
-    def speak(self, text: str, voice: str, prosody: Prosody) -> np.ndarray:
-        """int16 samples at ``self.rate``."""
+    def speak(self, text: str, voice: str, prosody: Prosody, seed: int = 0) -> np.ndarray:
+        """int16 samples at ``self.rate``. ``seed`` seeds espeak-ng's random numbers (the breath
+        noise of voice variants such as +f2, +f3), which are otherwise seeded from the clock."""
         if self.lib.espeak_SetVoiceByName(voice.encode()) != 0:
             raise TTSUnavailable(f"espeak-ng has no voice {voice!r}")
         p = prosody.clipped()
         for param, value in ((_RATE, p.rate), (_VOLUME, p.volume), (_PITCH, p.pitch), (_RANGE, p.range)):
             self.lib.espeak_SetParameter(param, value, 0)
         self._chunks = []
+        self.lib.espeak_ng_SetRandSeed(int(seed) % 2**31)
         raw = text.encode("utf-8")
         err = self.lib.espeak_Synth(raw, len(raw) + 1, 0, _POS_CHARACTER, 0, _CHARS_UTF8, None, None)
         self.lib.espeak_Synchronize()
@@ -86,24 +89,60 @@ class _Espeak:
         return np.concatenate(self._chunks)
 
 
-def _synthesize_here(jobs: list[tuple[str, str, dict]]) -> list[np.ndarray]:
+def _synthesize_here(jobs: list[tuple[str, str, dict, int]]) -> list[np.ndarray]:
     from scipy.signal import resample_poly
 
     tts = _Espeak()
     out = []
-    for text, voice, prosody in jobs:
-        x = tts.speak(text, voice, Prosody(**prosody)).astype(np.float32) / 32768.0
+    for text, voice, prosody, seed in jobs:
+        x = tts.speak(text, voice, Prosody(**prosody), seed).astype(np.float32) / 32768.0
         g = np.gcd(SR, tts.rate)
         out.append(resample_poly(x, SR // g, tts.rate // g).astype(np.float32))
     return out
 
 
-def synthesize_batch(jobs: list[tuple[str, str, Prosody]]) -> list[np.ndarray]:
-    """Speak each (text, voice, prosody) job; float32 mono at 16 kHz in [-1, 1].
+def synthesize_batch(jobs: list[tuple]) -> list[np.ndarray]:
+    """Speak each (text, voice, prosody[, seed]) job (seed: see :meth:`_Espeak.speak`, default 0); float32 mono at 16 kHz in [-1, 1].
 
-    Runs in a fresh spawned process so the result depends only on ``jobs`` (see module doc)."""
-    import multiprocessing as mp
+    Runs in a fresh Python process (``python -m manifests._demo_tts``) so the result depends only
+    on ``jobs`` (see module doc); unlike a multiprocessing pool this never re-imports the caller's
+    main script, so it works from any script, notebook or stdin."""
+    import json
+    import os
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
 
-    plain = [(t, v, asdict(p)) for t, v, p in jobs]
-    with mp.get_context("spawn").Pool(1) as pool:
-        return pool.apply(_synthesize_here, (plain,))
+    plain = [[j[0], j[1], asdict(j[2]), int(j[3]) if len(j) > 3 else 0] for j in jobs]
+    pkg_parent = str(Path(__file__).resolve().parent.parent)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [pkg_parent, os.environ.get("PYTHONPATH")])))
+    with tempfile.TemporaryDirectory(prefix="imer-tts-") as tmp:
+        src, dst = Path(tmp) / "jobs.json", Path(tmp) / "speech.npz"
+        src.write_text(json.dumps(plain))
+        r = subprocess.run([sys.executable, "-m", "manifests._demo_tts", str(src), str(dst)],
+                           env=env, capture_output=True, text=True)
+        if r.returncode != 0:
+            lines = (r.stderr or "").strip().splitlines()
+            raise TTSUnavailable(lines[-1] if lines else f"espeak-ng subprocess exited with {r.returncode}")
+        with np.load(dst) as z:
+            return [z[f"a{i}"] for i in range(len(jobs))]
+
+
+def _main(argv: list[str]) -> int:
+    import json
+
+    jobs = json.loads(open(argv[0], encoding="utf-8").read())
+    speech = _synthesize_here([tuple(j) for j in jobs])
+    np.savez(argv[1], **{f"a{i}": x for i, x in enumerate(speech)})
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    try:
+        sys.exit(_main(sys.argv[1:]))
+    except TTSUnavailable as e:
+        print(e, file=sys.stderr)
+        sys.exit(3)

@@ -340,7 +340,7 @@ def _write_corpus(d: Path, seed: int, size, stamp: dict, progress: bool) -> None
     (d / "wav").mkdir(parents=True)
     (d / "video").mkdir()
     plans = plan_corpus(seed, size)
-    speech = synthesize_batch([(p.text, p.speaker.voice, Prosody(**p.prosody)) for p in plans])
+    speech = synthesize_batch([(p.text, p.speaker.voice, Prosody(**p.prosody), p.seed) for p in plans])
     utts = [_render(p, s, d) for p, s in zip(tqdm(plans, desc="demo corpus", unit="utt", disable=not progress,
                                                   leave=False), speech)]
     write_manifest(d / "manifest.jsonl", utts, DATASET, labels=LABELS, root=None)
