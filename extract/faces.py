@@ -12,6 +12,9 @@ each face with a 5-point similarity transform onto ``FACE_TEMPLATE`` and compute
 Frames without a face keep mask False (zero rows that the mask marks invalid); an utterance
 without any face is an Output with every mask False and info ``{"no_face": true}``: the visual
 modality is missing for it, which the training side treats as such.
+
+Networks run in float32 on every device (no autocast): the nets are small, decoding and detection
+dominate, and a store then holds the same features whether a CPU or a GPU computed them.
 """
 
 from __future__ import annotations
