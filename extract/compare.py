@@ -41,9 +41,9 @@ class ComParE(Extractor):
         return 100.0 / self.params["downsample"]
 
     def model_identity(self) -> dict:
-        import opensmile
+        from importlib.metadata import version  # not `import opensmile`: a no-op rerun stays fast
 
-        return {"opensmile": opensmile.__version__, "feature_set": "ComParE_2016"}
+        return {"opensmile": version("opensmile"), "feature_set": "ComParE_2016"}
 
     def load(self) -> None:
         import opensmile

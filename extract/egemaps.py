@@ -27,9 +27,9 @@ class EGeMAPS(Extractor):
         return 100.0
 
     def model_identity(self) -> dict:
-        import opensmile
+        from importlib.metadata import version  # not `import opensmile`: a no-op rerun stays fast
 
-        return {"opensmile": opensmile.__version__, "feature_set": "eGeMAPSv02"}
+        return {"opensmile": version("opensmile"), "feature_set": "eGeMAPSv02"}
 
     def load(self) -> None:
         import opensmile

@@ -37,9 +37,9 @@ class LibrosaFeats(Extractor):
         return int(round(self.params["sr"] * self.params["win_ms"] / 1000))
 
     def model_identity(self) -> dict:
-        import librosa
+        from importlib.metadata import version  # not `import librosa`: a no-op rerun stays fast
 
-        return {"librosa": librosa.__version__}
+        return {"librosa": version("librosa")}
 
     def extract_one(self, utt) -> Output:
         if utt.audio is None:

@@ -125,15 +125,13 @@ def _stat_key(st) -> list:
 
 def _prime_digests(manifest: Manifest) -> dict:
     """Feed remembered content hashes of unchanged files (same size, mtime, ctime and inode: a
-    rewrite changes ctime) to extract.base's per-process memo, so a no-op run hashes nothing."""
+    rewrite changes ctime) to extract.base's per-process memo, so a no-op run hashes nothing:
+    neither the manifest's media nor the model files hashed for store keys."""
     try:
         saved = json.loads(_digest_file(manifest.dataset).read_text())
     except (OSError, ValueError):
         saved = {}
-    for p in _media_paths(manifest):
-        rec = saved.get(p)
-        if not rec:
-            continue
+    for p, rec in saved.items():
         try:
             st = os.stat(p)
         except OSError:
@@ -143,9 +141,10 @@ def _prime_digests(manifest: Manifest) -> dict:
     return saved
 
 
-def _save_digests(manifest: Manifest, saved: dict) -> None:
-    new = dict(saved)
-    for p in _media_paths(manifest):
+def _save_digests(manifest: Manifest, saved: dict, extra: set[str] = frozenset()) -> None:
+    """Remember the digests of the manifest's media and of ``extra`` files (model files)."""
+    new = {p: rec for p, rec in saved.items() if os.path.exists(p)}
+    for p in _media_paths(manifest) | set(extra):
         try:
             st = os.stat(p)
         except OSError:
@@ -337,8 +336,12 @@ def run_features(manifest: Manifest, extractors: list[Extractor], *, workers: in
     unavailable: dict[str, str] = {}
     cluster = _Cluster(workers, scheduler, processes) if (workers > 1 or scheduler) else None
     saved = _prime_digests(manifest)
+    hashed = {k[0] for k in base._DIGESTS}
+    model_files: set[str] = set()
     try:
-        for ext in _with_upstream(extractors):
+        stages = _with_upstream(extractors)  # computes store keys: hashes model files not yet known
+        model_files = {k[0] for k in base._DIGESTS} - hashed
+        for ext in stages:
             t0 = time.perf_counter()
             path = store_path(manifest.dataset, ext.key, dtype)
             summ = Summary(ext.name, ext.key, path)
@@ -377,7 +380,7 @@ def run_features(manifest: Manifest, extractors: list[Extractor], *, workers: in
     finally:
         if cluster is not None:
             cluster.close()
-        _save_digests(manifest, saved)
+        _save_digests(manifest, saved, model_files)
     if strict:
         bad = {s.key: s.all_failed for s in summaries if s.all_failed}
         if bad:

@@ -136,17 +136,32 @@ def test_changed_source_is_recomputed(tmp_path):
     np.testing.assert_array_equal(st.to_dask().compute(), L.data)
 
 
+class WeightedFrames(Frames):
+    """Frames whose store key depends on a weights file, as a model extractor's does."""
+
+    name = "test-weighted-frames"
+    weights = ""
+
+    def model_identity(self):
+        return {"weights": base.file_digest(self.weights)}
+
+
 def test_digests_remembered_across_processes(tmp_path, monkeypatch):
     from pipeline.runner import _prime_digests
 
     man = _manifest(tmp_path, "dig", 3)
-    run_features(man, [Frames()], progress=False)
+    weights = tmp_path / "weights.bin"
+    weights.write_bytes(b"w" * 1000)
+    monkeypatch.setattr(WeightedFrames, "weights", str(weights))
+    monkeypatch.setattr(base, "_DIGESTS", {})
+    run_features(man, [WeightedFrames()], progress=False)
     truth = {u.audio.path: base.file_digest(u.audio.path) for u in man}
-    monkeypatch.setattr(base, "_DIGESTS", {})  # as in a fresh process
+    truth[str(weights)] = base.file_digest(weights)
+    monkeypatch.setattr(base, "_DIGESTS", {})  # as in a fresh process: media and weights need no hashing
     _prime_digests(man)
     assert {k[0]: v for k, v in base._DIGESTS.items()} == truth
     time.sleep(0.01)
-    _wav(tmp_path / "wav" / "u01.wav", 1, 0.2)  # rewritten (same bytes even): ctime moves, not trusted
+    _wav(tmp_path / "wav" / "u01.wav", 1, 0.2)  # rewritten: ctime moves, its remembered digest is not trusted
     monkeypatch.setattr(base, "_DIGESTS", {})
     _prime_digests(man)
     assert {k[0] for k in base._DIGESTS} == set(truth) - {man.utterances[1].audio.path}
