@@ -1,7 +1,7 @@
 """Feature store speed: a second `imer features` run on an already-extracted demo as a fraction of
 the first (goal <= 1%), and whole-store load throughput vs one .npy file per utterance.
 
-    .venv/bin/python bench/bench_store.py [--extractors compare,librosa,minilm-l6] [--repeats 3]
+    .venv/bin/python bench/bench_store.py [--extractors compare,egemaps,librosa,minilm-l6] [--repeats 5]
 
 Both `imer features` runs are real CLI processes on a fresh, temporary feature cache (the demo
 corpus itself is generated once into your IMER_CACHE and linked in, so its synthesis is not
@@ -52,9 +52,10 @@ def median_time(fn, repeats: int) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--extractors", default="compare,librosa,minilm-l6",
-                    help="stages of both runs (default: the demo's audio and text defaults that need no video)")
-    ap.add_argument("--repeats", type=int, default=3, help="load timings: median of this many")
+    ap.add_argument("--extractors", default="compare,egemaps,librosa,minilm-l6",
+                    help="stages of all runs (default: the demo's default audio and text stages that need no video "
+                         "and no weights from outside the venv)")
+    ap.add_argument("--repeats", type=int, default=5, help="load timings: median of this many")
     args = ap.parse_args()
 
     import numpy as np

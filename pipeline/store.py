@@ -6,7 +6,8 @@ Layout of ``<cache>/stores/<dataset>/<extractor.key>/``::
                          frame_rate, modality, dataset, dtype, imer_version, created, and
                          ``committed = {entries, frames}``: the commit point (written last)
     data                 (frames, dim) float32|float16, every utterance's frames concatenated,
-                         chunked along frames, blosc-zstd compressed
+                         chunked along frames, blosc-lz4 compressed (float features
+                         barely compress: lz4 loads ~3x faster than zstd for ~10% more disk)
     mask                 (frames,) bool, False = frame not valid (e.g. no face)
     index/ids            (entries,) str   utterance id
     index/fingerprints   (entries,) str   hash of the source the entry was computed from
@@ -492,7 +493,7 @@ def _create(path: Path, dim: int, attrs: dict, dtype: str, chunk_frames: int | N
     shutil.rmtree(tmp, ignore_errors=True)
     g = zarr.open_group(str(tmp), mode="w")
     g.create_array("data", shape=(0, dim), chunks=(cf, dim), dtype=dtype, fill_value=0,
-                   compressors=BloscCodec(cname="zstd", clevel=3, shuffle="shuffle", typesize=itemsize))
+                   compressors=BloscCodec(cname="lz4", clevel=5, shuffle="shuffle", typesize=itemsize))
     g.create_array("mask", shape=(0,), chunks=(cf * 16,), dtype=bool, fill_value=False,
                    compressors=ZstdCodec(level=3))
     idx = g.create_group("index")
