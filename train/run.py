@@ -160,7 +160,9 @@ class Experiment:
     def prerequisite(self, name: str, cfg: dict, fold, seed: int):
         """The trained ``name`` model for this fold and seed: from this run's prereq/ folder, else
         copied from an earlier run of ``name`` with the same config and data, else trained now."""
-        pcfg = load_config(name, self.dataset, self.prereq_overrides.get(name))
+        # resolved for the same per-dataset settings as the method built on it
+        key = (cfg.get("dataset_override") or {}).get("dataset") or self.dataset
+        pcfg = load_config(name, key, self.prereq_overrides.get(name))
         for key in ("features", "data"):
             if pcfg.get(key) != cfg.get(key):
                 raise ConfigError(f"train/configs/{name}.yaml: its '{key}' section differs from "
