@@ -1,4 +1,4 @@
-"""Run every bench/bench_*.py in turn; each prints its figures and writes bench/results/<name>.json."""
+"""Run every bench/bench_*.py in turn (or only those named: `python bench/run.py store train`); each prints its figures and writes bench/results/<name>.json."""
 
 from __future__ import annotations
 
@@ -16,5 +16,6 @@ for script in sorted(here.glob("bench_*.py")):
         continue
     print(f"== bench {name}", flush=True)
     t = time.perf_counter()
+    sys.argv = [str(script)]  # each bench parses its own (default) arguments, not the selection
     runpy.run_path(str(script), run_name="__main__")
     print(f"== bench {name} done in {time.perf_counter() - t:.1f} s", flush=True)
