@@ -415,7 +415,7 @@ def ensure_features(dataset: str, specs: dict[str, str | dict], *, device: str =
 
     man = load_manifest(dataset, data_root, manifest)
     man.dataset = dataset
-    dev = device if device == "auto" else resolve_device(device)  # 'auto' resolves once there is work
+    dev = device if device in ("auto", "cpu") else resolve_device(device)  # 'auto' resolves once there is work
     exts = {}
     for mod, spec in specs.items():
         ext = make_extractor(spec, dev)

@@ -368,6 +368,14 @@ def test_features_cli_and_ensure_features(tmp_path, capsys):
     assert main(argv + ["--extractors", "nosuch"]) == 2
     assert "unknown extractor 'nosuch'" in capsys.readouterr().err
 
+    # a no-op rerun in a fresh process imports neither torch nor the feature libraries
+    check = ("import sys; from pipeline.cli import main; rc = main(sys.argv[1:]); "
+             "heavy = sorted({'torch', 'librosa', 'opensmile', 'transformers'} & set(sys.modules)); "
+             "assert rc == 0 and not heavy, (rc, heavy)")
+    r = subprocess.run([sys.executable, "-c", check, *argv, "--extractors", "logmel:n_mels=24"], cwd=REPO,
+                       capture_output=True, text=True)
+    assert r.returncode == 0 and "computed 0, cached 3" in r.stdout, r.stderr
+
     stores = ensure_features("cli", {"audio": "logmel:n_mels=24"}, manifest=mpath, device="cpu", progress=False)
     assert list(stores) == ["audio"] and stores["audio"].path == st.path and len(stores["audio"]) == 3
     with pytest.raises(ValueError, match="not text"):

@@ -49,8 +49,10 @@ def main(args) -> int:
     try:
         man = load_manifest(args.dataset, args.data_root, args.manifest)
         man.dataset = args.dataset
-        # 'auto' resolves (importing torch) only once a stage has work: a no-op rerun stays fast
-        device = "auto" if args.device == "auto" else resolve_device(args.device)
+        # 'auto' resolves (importing torch) only once a stage has work, and 'cpu' needs no check:
+        # a no-op rerun stays fast
+        device = args.device.lower()
+        device = device if device in ("auto", "cpu") else resolve_device(device)
         if args.extractors:
             exts = [make_extractor(s, device) for s in parse_specs(args.extractors)]
         else:
