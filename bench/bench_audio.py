@@ -1,7 +1,7 @@
 """Audio extraction speed on the demo corpus: utterances/s and audio-seconds/s per extractor, and
 the batched `wav2vec2` extractor vs a naive per-utterance loop over the same model.
 
-    .venv/bin/python bench/bench_audio.py [--n 24] [--rounds 2] [--device auto]
+    .venv/bin/python bench/bench_audio.py [--n 24] [--rounds 3] [--device auto]
 
 No pretrained wav2vec2 weights are reachable offline, so both wav2vec2 runs use one small model
 with random weights built here (wav2vec2-base's conv strides, so 50 frames/s, but 4 layers of 256
@@ -63,7 +63,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=24, help="demo utterances to extract")
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--rounds", type=int, default=2, help="wav2vec2: alternating batched/naive rounds")
+    ap.add_argument("--rounds", type=int, default=3, help="wav2vec2: alternating batched/naive rounds")
     args = ap.parse_args()
 
     import numpy as np
