@@ -5,7 +5,8 @@ with simple, standard tools (independent of imer's extractors and models):
 - video: pixel statistics of the face region (OpenCV: grey 12x12 thumbnails of the centre crop,
   mean and std over the frames where the face is visible);
 - text: bag of words (scikit-learn CountVectorizer);
-- fusion: late fusion, the mean of the three classifiers' log-probabilities.
+- fusion: stacking, a logistic regression on the three classifiers' class probabilities
+  (see :func:`separability`).
 
 Each is a scikit-learn logistic regression, cross-validated leave-one-speaker-out; audio and video
 features are z-normalised per speaker (speaker normalisation, standard in speaker-independent
@@ -86,25 +87,59 @@ def _model(modality: str):
     return make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=2000))
 
 
-def separability(feats: dict) -> dict:
-    """Leave-one-speaker-out unweighted accuracy per modality, of the late fusion, and chance."""
-    from sklearn.metrics import balanced_accuracy_score
+MODALITIES = ("audio", "video", "text")
+
+
+def _rows(x, idx):
+    return [x[i] for i in idx] if isinstance(x, list) else x[idx]
+
+
+def _log_proba(feats: dict, train: np.ndarray, test: np.ndarray, classes: np.ndarray) -> dict:
+    """Per modality: log-probabilities on ``test`` of a classifier fitted on ``train``."""
+    y = feats["label"]
+    out = {}
+    for m in MODALITIES:
+        clf = _model(m).fit(_rows(feats[m], train), y[train])
+        if list(clf.classes_) != list(classes):
+            raise ValueError(f"{m}: a training fold lacks a class ({sorted(set(classes) - set(clf.classes_))}); "
+                             "the corpus needs every class for every speaker")
+        out[m] = np.log(np.clip(clf.predict_proba(_rows(feats[m], test)), 1e-9, 1))
+    return out
+
+
+def _out_of_fold(feats: dict, idx: np.ndarray, classes: np.ndarray) -> dict:
+    """Leave-one-speaker-out log-probabilities of every utterance in ``idx`` (a model never sees
+    the speaker it predicts)."""
     from sklearn.model_selection import LeaveOneGroupOut
+
+    lp = {m: np.zeros((len(idx), len(classes))) for m in MODALITIES}
+    for tr, te in LeaveOneGroupOut().split(idx, groups=feats["speaker"][idx]):
+        for m, v in _log_proba(feats, idx[tr], idx[te], classes).items():
+            lp[m][te] = v
+    return lp
+
+
+def separability(feats: dict) -> dict:
+    """Leave-one-speaker-out unweighted accuracy per modality, of their fusion, and chance.
+
+    Fusion is stacking: a logistic regression on the three modalities' class probabilities, trained
+    on out-of-fold predictions for the training speakers only (nested leave-one-speaker-out), so
+    it learns how far to trust each modality without ever seeing the test speaker."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import balanced_accuracy_score
 
     y, groups = feats["label"], feats["speaker"]
     classes = np.unique(y)
-    logp = {m: np.zeros((len(y), len(classes))) for m in ("audio", "video", "text")}
-    for tr, te in LeaveOneGroupOut().split(y, y, groups):
-        for m in logp:
-            x = feats[m]
-            xtr = [x[i] for i in tr] if m == "text" else x[tr]
-            xte = [x[i] for i in te] if m == "text" else x[te]
-            clf = _model(m).fit(xtr, y[tr])
-            assert list(clf.classes_) == list(classes)
-            logp[m][te] = np.log(np.clip(clf.predict_proba(xte), 1e-9, 1))
-    out = {m: float(balanced_accuracy_score(y, classes[lp.argmax(1)])) for m, lp in logp.items()}
-    fused = sum(logp.values()) / len(logp)
-    out["fusion"] = float(balanced_accuracy_score(y, classes[fused.argmax(1)]))
+    everyone = np.arange(len(y))
+    outer = _out_of_fold(feats, everyone, classes)
+    fused = np.empty(len(y), dtype=y.dtype)
+    for s in np.unique(groups):
+        tr, te = everyone[groups != s], everyone[groups == s]
+        inner = _out_of_fold(feats, tr, classes)
+        stack = LogisticRegression(C=0.1, max_iter=2000).fit(np.exp(np.hstack([inner[m] for m in MODALITIES])), y[tr])
+        fused[te] = stack.predict(np.exp(np.hstack([outer[m][te] for m in MODALITIES])))
+    out = {m: float(balanced_accuracy_score(y, classes[lp.argmax(1)])) for m, lp in outer.items()}
+    out["fusion"] = float(balanced_accuracy_score(y, fused))
     out["chance"] = 1.0 / len(classes)
     return out
 

@@ -35,7 +35,7 @@ from manifests.schema import (Fold, ManifestError, Media, Utterance, check_speak
 DATASET = "demo"
 PROTOCOLS = ["speaker"]
 LABELS = ["neu", "hap", "ang", "sad"]  # label_index order
-GENERATOR_VERSION = 1  # bump when the output changes; cached corpora of another version are regenerated
+GENERATOR_VERSION = 2  # bump when the output changes; cached corpora of another version are regenerated
 
 
 class DemoError(ManifestError):
@@ -89,20 +89,24 @@ SIZES = {
 }
 
 # ---- how each emotion shows ----------------------------------------------------------------------
+# The strengths below were tuned so that simple per-modality classifiers score
+# text > audio > video > chance and their fusion beats text (see _demo_separability, README).
 # espeak-ng prosody offsets at full intensity (pitch, pitch range, words/min, amplitude):
 # happy = higher, wider, faster, louder; angry = much faster and louder; sad = lower, flat, slow, soft.
 EMO_PROSODY = {
     "neu": dict(pitch=0, range=0, rate=0, volume=0),
-    "hap": dict(pitch=12, range=25, rate=20, volume=20),
-    "ang": dict(pitch=6, range=15, rate=35, volume=50),
-    "sad": dict(pitch=-12, range=-25, rate=-50, volume=-35),
+    "hap": dict(pitch=24, range=50, rate=40, volume=40),
+    "ang": dict(pitch=12, range=30, rate=70, volume=100),
+    "sad": dict(pitch=-24, range=-50, rate=-100, volume=-70),
 }
-PROSODY_JITTER = dict(pitch=5.0, range=10.0, rate=12.0, volume=12.0)  # per-utterance idiosyncrasy (std)
+PROSODY_JITTER = dict(pitch=2.5, range=5.0, rate=6.0, volume=6.0)  # per-utterance idiosyncrasy (std)
+EXPRESSION_GAIN = 0.5       # share of the full prototype expression (_demo_face.PROTOTYPES) faces show
 EXPRESSION_JITTER = 1.2     # std (pixels) of idiosyncratic expression added to every parameter
 EYE_JITTER = 0.08           # std of the relative lid-opening idiosyncrasy
-INTENSITY = dict(audio=(0.25, 1.0), video=(0.2, 1.0))  # uniform ranges of per-utterance intensity
-TEXT_MIX = dict(p_ambiguous=0.15, p_neutral=0.10)       # sentences that do not show the emotion
-HEAD_AROUSAL = {"neu": 1.0, "hap": 1.2, "ang": 1.6, "sad": 0.6}  # head-motion amplitude factor
+INTENSITY = dict(audio=(0.5, 1.0), video=(0.2, 1.0))  # uniform ranges of per-utterance intensity
+TEXT_MIX = dict(p_ambiguous=0.12, p_neutral=0.06)      # sentences that do not show the emotion
+HEAD_AROUSAL = {"neu": 1.0, "hap": 1.04, "ang": 1.12, "sad": 0.92}  # head-motion amplitude factor
+SAD_HEAD_DROP = 0.5         # pixels the head hangs lower when sad
 
 
 def _size(size) -> Size:
@@ -162,7 +166,7 @@ def plan_corpus(seed: int, size) -> list[Plan]:
             expr = {}
             for k in face.PARAMS:
                 jit = EYE_JITTER if k == "eye_open" else EXPRESSION_JITTER
-                expr[k] = round(float(v * face.PROTOTYPES[label][k] + rng.normal(0, jit)), 4)
+                expr[k] = round(float(v * EXPRESSION_GAIN * face.PROTOTYPES[label][k] + rng.normal(0, jit)), 4)
             plans.append(Plan(
                 id=f"{spk.id}_{j + 1:03d}", speaker=spk, label=label, text=text, text_kind=kind,
                 prosody=prosody, audio_intensity=round(float(a), 4), video_intensity=round(float(v), 4),
@@ -206,7 +210,7 @@ def _head(rng: np.random.Generator, n: int, label: str, fps: int) -> np.ndarray:
             f = rng.uniform(0.2, 1.5)
             out[:, k] += amp[k] / 2 * np.sin(2 * np.pi * f * t + rng.uniform(0, 2 * np.pi))
     if label == "sad":
-        out[:, 1] += 3.0  # head hangs a little
+        out[:, 1] += SAD_HEAD_DROP
     return out
 
 
@@ -299,6 +303,8 @@ def generate(out: Path | str, seed: int = 0, size="small", *, progress: bool = T
 
     out = Path(out).expanduser().absolute()
     want = _stamp(seed, size)
+    if out.exists() and not out.is_dir():
+        raise DemoError(f"{out}: is a file, not a directory; choose a new or empty --out directory")
     out.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(out.parent / f".{out.name}.lock")):
         have = _read_stamp(out)
