@@ -145,4 +145,9 @@ def separability(feats: dict) -> dict:
 
 
 def measure(manifest_path: Path | str, progress: bool = False) -> dict:
-    return separability(features(read_manifest(manifest_path), progress=progress))
+    from threadpoolctl import threadpool_limits
+
+    # one BLAS/OpenMP thread: these matrices are tiny, and on a busy machine extra threads only
+    # spin (10-20x slower fits measured on 2 shared cores)
+    with threadpool_limits(1):
+        return separability(features(read_manifest(manifest_path), progress=progress))
