@@ -204,6 +204,14 @@ class Bert(Extractor):
     def model_identity(self) -> dict:
         return self._resolve()[1]
 
+    def config(self) -> dict:
+        cfg = super().config()
+        if "model" in self.params and Path(self.params["model"]).expanduser().is_dir():
+            # a local copy is identified by its content (model_identity), not its path, so
+            # checkouts with their own copy of one model share the store
+            cfg["params"] = {**cfg["params"], "model": "<local directory>"}
+        return cfg
+
     # -- running ---------------------------------------------------------------------------------
     def load(self) -> None:
         from transformers import AutoModel, AutoTokenizer

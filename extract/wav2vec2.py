@@ -31,6 +31,7 @@ from extract.base import Extractor, ExtractorUnavailable, Failure, Output, file_
 
 SR = 16000
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+CONFIG_FILES = ("config.json", "preprocessor_config.json")  # architecture; input normalisation
 
 
 @register
@@ -72,17 +73,26 @@ class Wav2Vec2(Extractor):
         return SR / math.prod(self._model_config().conv_stride)
 
     def model_identity(self) -> dict:
-        """Hub id + the cached snapshot's commit, or a local path + a hash of its weight files."""
+        """Hub id + the cached snapshot's commit, or, for a local directory, content hashes of its
+        weights and configs (not its path: checkouts sharing a cache agree on the store key)."""
         model, rev = self.params["model"], self.params["revision"]
         p = Path(model).expanduser()
         if p.is_dir():
             files = [p / f for f in WEIGHT_FILES if (p / f).is_file()] or sorted(p.glob("*.safetensors"))
-            return {"model": str(p.resolve()), "weights": {f.name: file_digest(f) for f in files}}
+            confs = [p / f for f in CONFIG_FILES if (p / f).is_file()]
+            return {"source": "local", "weights": {f.name: file_digest(f) for f in files},
+                    "configs": {f.name: file_digest(f) for f in confs}}
         from huggingface_hub import try_to_load_from_cache
 
         hit = try_to_load_from_cache(model, "config.json", revision=rev)
         commit = Path(hit).parent.name if isinstance(hit, str) else None
         return {"model": model, "revision": rev, "commit": commit}
+
+    def config(self) -> dict:
+        cfg = super().config()
+        if Path(self.params["model"]).expanduser().is_dir():  # identified by content, not path
+            cfg["params"] = {**cfg["params"], "model": "<local directory>"}
+        return cfg
 
     def _unavailable(self, err: Exception | str) -> str:
         return (f"wav2vec2: no weights for {self.params['model']!r} here (runs are offline). Provide them: download "

@@ -176,6 +176,7 @@ def test_undecodable_manifest_text_and_bad_record(tiny):
 def test_identity_follows_content(tiny, tmp_path):
     copy = shutil.copytree(tiny, tmp_path / "copy")
     assert create("bert", model=str(copy)).model_identity() == create("bert", model=str(tiny)).model_identity()
+    assert create("bert", model=str(copy)).key == create("bert", model=str(tiny)).key  # content, not path
     other = _tiny_model(tmp_path / "other", seed=1)
     assert create("bert", model=str(other)).key != create("bert", model=str(tiny)).key
     assert create("bert", model=str(tiny), layer=1).key != create("bert", model=str(tiny)).key
