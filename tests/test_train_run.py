@@ -276,3 +276,16 @@ def test_predict_from_features_matches_evaluation(runs):
         predict_features(run, {"a": None, "v": None, "t": None})
     with pytest.raises(PredictError, match="not a training run"):
         resolve_run(root / "nowhere")
+
+
+def test_cpu_threads_default_one_and_restored():
+    from train.run import cpu_threads
+
+    old = torch.get_num_threads()
+    with cpu_threads("cpu"):
+        assert torch.get_num_threads() == 1
+    with cpu_threads("cpu", 2):
+        assert torch.get_num_threads() == 2
+    with cpu_threads("cuda"):
+        assert torch.get_num_threads() == old
+    assert torch.get_num_threads() == old

@@ -29,7 +29,8 @@ def add_arguments(p) -> None:
     p.add_argument("--results", help="results root (default $IMER_RESULTS or ./results)")
     p.add_argument("--run-id", help="name of the run folder (default: timestamp + config hash)")
     p.add_argument("--fresh", action="store_true", help="start a new run instead of resuming an unfinished one")
-    p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
+    p.add_argument("--threads", type=int, help="torch threads when training on CPU (default 1: these small nets "
+                                               "gain little from more, and lose much on a busy machine)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -44,17 +45,13 @@ def main(args) -> int:
     if unknown:
         print(f"imer train: unknown method(s) {', '.join(unknown)}; known: {', '.join(list_configs())}", file=sys.stderr)
         return 2
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
     try:
         overrides = dict(parse_override(o) for o in args.overrides)
         for m in methods:
             train_method(args.dataset, m, folds=args.folds, seeds=args.seeds, device=args.device,
                          data_root=args.data_root, manifest=args.manifest, protocol=args.protocol,
                          results_dir=args.results, run_id=args.run_id, overrides=overrides,
-                         resume=not args.fresh, progress=not args.no_progress)
+                         resume=not args.fresh, progress=not args.no_progress, threads=args.threads)
     except (ConfigError, DataError, ManifestError, FileNotFoundError) as e:
         print(f"imer train: {e}", file=sys.stderr)
         return 2
