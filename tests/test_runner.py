@@ -380,3 +380,26 @@ def test_features_cli_and_ensure_features(tmp_path, capsys):
     assert list(stores) == ["audio"] and stores["audio"].path == st.path and len(stores["audio"]) == 3
     with pytest.raises(ValueError, match="not text"):
         ensure_features("cli", {"text": "logmel"}, manifest=mpath, device="cpu", progress=False)
+
+
+def test_second_checkout_sharing_the_cache_computes_nothing(tmp_path):
+    """Another checkout of imer (a copy of its packages, a fresh process) pointed at the same
+    IMER_CACHE finds every store key and fingerprint equal: it extracts nothing."""
+    import shutil
+
+    man = _manifest(tmp_path / "corpus", "twoco", 3)
+    [s] = run_features(man, [base.create("logmel", n_mels=12)], progress=False)
+    assert s.computed == 3
+    other = tmp_path / "checkout2"
+    for pkg in ("extract", "pipeline", "manifests"):
+        shutil.copytree(REPO / pkg, other / pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    code = ("import sys, extract; assert extract.__file__.startswith(sys.argv[2]), extract.__file__; "
+            "from extract.base import create; from manifests.schema import read_manifest; "
+            "from pipeline.runner import run_features; man = read_manifest(sys.argv[1]); "
+            "[s] = run_features(man, [create('logmel', n_mels=12)], progress=False); print(s.computed, s.cached, s.key)")
+    env = {**os.environ, "PYTHONPATH": str(other)}
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "corpus" / "manifest.jsonl"), str(other)],
+                       cwd=other, env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["0", "3", s.key]
+
