@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from train.metrics import NAMES
 from train.results import collect, markdown_table, plot_conditions, summarize
 from train.run import _safe, results_root
 
@@ -62,6 +63,6 @@ def report(dataset: str, results_dir=None, write: bool = True) -> str:
                "Average = mean of the six missing-modality conditions.", "", table, "", *notes, ""]
         (root / "report.md").write_text("\n".join(doc))
         metric = select if select in ("ua", "wa", "f1", "acc2", "mae") else None
-        plot_conditions(rows, task, root / "report.png", f"{dataset}: test {metric or ''} per condition",
+        plot_conditions(rows, task, root / "report.png", f"{dataset}: test {NAMES.get(metric, '')} per condition",
                         metrics=[metric] if metric else None)
     return table + "\n\n" + "\n".join(notes)
