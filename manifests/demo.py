@@ -95,16 +95,16 @@ SIZES = {
 # happy = higher, wider, faster, louder; angry = much faster and louder; sad = lower, flat, slow, soft.
 EMO_PROSODY = {
     "neu": dict(pitch=0, range=0, rate=0, volume=0),
-    "hap": dict(pitch=24, range=50, rate=40, volume=40),
-    "ang": dict(pitch=12, range=30, rate=70, volume=100),
-    "sad": dict(pitch=-24, range=-50, rate=-100, volume=-70),
+    "hap": dict(pitch=22, range=45, rate=36, volume=36),
+    "ang": dict(pitch=11, range=27, rate=63, volume=90),
+    "sad": dict(pitch=-22, range=-45, rate=-90, volume=-63),
 }
 PROSODY_JITTER = dict(pitch=2.5, range=5.0, rate=6.0, volume=6.0)  # per-utterance idiosyncrasy (std)
 EXPRESSION_GAIN = 0.5       # share of the full prototype expression (_demo_face.PROTOTYPES) faces show
 EXPRESSION_JITTER = 1.2     # std (pixels) of idiosyncratic expression added to every parameter
 EYE_JITTER = 0.08           # std of the relative lid-opening idiosyncrasy
-INTENSITY = dict(audio=(0.5, 1.0), video=(0.2, 1.0))  # uniform ranges of per-utterance intensity
-TEXT_MIX = dict(p_ambiguous=0.12, p_neutral=0.06)      # sentences that do not show the emotion
+INTENSITY = dict(audio=(0.3, 1.0), video=(0.2, 1.0))  # uniform ranges of per-utterance intensity
+TEXT_MIX = dict(p_ambiguous=0.16, p_neutral=0.04)      # sentences that do not show the emotion
 HEAD_AROUSAL = {"neu": 1.0, "hap": 1.04, "ang": 1.12, "sad": 0.92}  # head-motion amplitude factor
 SAD_HEAD_DROP = 0.5         # pixels the head hangs lower when sad
 

@@ -181,7 +181,8 @@ def test_modalities_carry_signal_of_different_strength(tmp_path):
     size = demo.Size(speakers=6, per_class=6, short=True)
     r = measure(demo.generate(tmp_path / "sep", seed=0, size=size, progress=False))
     msg = json.dumps({k: round(v, 3) for k, v in r.items()})
-    assert r["video"] >= r["chance"] + 0.10, msg
-    assert r["audio"] >= r["video"] + 0.08, msg
-    assert r["text"] >= r["audio"] + 0.08, msg
-    assert r["fusion"] >= r["text"] + 0.01, msg
+    # measured (seed 0): text 0.819, audio 0.597, video 0.500, fusion 0.868, chance 0.25
+    assert r["video"] >= r["chance"] + 0.15, msg
+    assert r["audio"] >= r["video"] + 0.06, msg
+    assert r["text"] >= r["audio"] + 0.10, msg
+    assert r["fusion"] >= r["text"] + 0.02, msg
