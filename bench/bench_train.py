@@ -174,6 +174,14 @@ def demo(device: str) -> dict:
     return out
 
 
+def _context(device: str) -> dict:
+    """Recorded with each section: a later run with --skip-demo keeps the earlier demo figures."""
+    import torch
+
+    return {"device": device, "torch_threads": torch.get_num_threads(),
+            "load_avg_1min_after": round(os.getloadavg()[0], 2), "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--batches", type=int, default=3, help="timed batches on the IEMOCAP-sized set (default 3)")
@@ -193,9 +201,9 @@ def main() -> None:
         res = {"device": device, "torch_threads": torch.get_num_threads(), "amp": device.startswith("cuda"),
                "cpu_count": os.cpu_count(), "load_avg_1min": round(os.getloadavg()[0], 2)}
         t = time.perf_counter()
-        res["iemocap-synthetic"] = iemocap_synthetic(args.batches, device)
+        res["iemocap-synthetic"] = {**iemocap_synthetic(args.batches, device), **_context(device)}
         if not args.skip_demo:
-            res["demo"] = demo(device)
+            res["demo"] = {**demo(device), **_context(device)}
         res["bench_s"] = round(time.perf_counter() - t, 1)
         res["load_avg_1min_end"] = round(os.getloadavg()[0], 2)
     write_result("train", res)
