@@ -136,7 +136,8 @@ def separability(feats: dict) -> dict:
     for s in np.unique(groups):
         tr, te = everyone[groups != s], everyone[groups == s]
         inner = _out_of_fold(feats, tr, classes)
-        stack = LogisticRegression(C=0.1, max_iter=2000).fit(np.exp(np.hstack([inner[m] for m in MODALITIES])), y[tr])
+        proba = np.exp(np.hstack([inner[m] for m in MODALITIES]))
+        stack = LogisticRegression(C=0.1, max_iter=2000).fit(proba, y[tr])
         fused[te] = stack.predict(np.exp(np.hstack([outer[m][te] for m in MODALITIES])))
     out = {m: float(balanced_accuracy_score(y, classes[lp.argmax(1)])) for m, lp in outer.items()}
     out["fusion"] = float(balanced_accuracy_score(y, fused))

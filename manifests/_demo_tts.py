@@ -102,7 +102,8 @@ def _synthesize_here(jobs: list[tuple[str, str, dict, int]]) -> list[np.ndarray]
 
 
 def synthesize_batch(jobs: list[tuple]) -> list[np.ndarray]:
-    """Speak each (text, voice, prosody[, seed]) job (seed: see :meth:`_Espeak.speak`, default 0); float32 mono at 16 kHz in [-1, 1].
+    """Speak each (text, voice, prosody[, seed]) job (seed: see :meth:`_Espeak.speak`, default 0);
+    float32 mono at 16 kHz in [-1, 1].
 
     Runs in a fresh Python process (``python -m manifests._demo_tts``) so the result depends only
     on ``jobs`` (see module doc); unlike a multiprocessing pool this never re-imports the caller's

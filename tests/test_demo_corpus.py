@@ -186,3 +186,10 @@ def test_modalities_carry_signal_of_different_strength(tmp_path):
     assert r["audio"] >= r["video"] + 0.06, msg
     assert r["text"] >= r["audio"] + 0.10, msg
     assert r["fusion"] >= r["text"] + 0.02, msg
+
+
+def test_tts_errors_are_one_line():
+    from manifests._demo_tts import Prosody, TTSUnavailable, synthesize_batch
+
+    with pytest.raises(TTSUnavailable, match="no voice 'xx-nonexistent'"):
+        synthesize_batch([("Hi.", "xx-nonexistent", Prosody())])
