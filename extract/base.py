@@ -94,8 +94,16 @@ class Extractor:
         cfg = {"name": self.name, "version": self.version, "params": self.params,
                "model": self.model_identity()}
         if self.requires:  # a changed upstream stage changes this stage's key too
-            cfg["upstream"] = {n: create(n).key for n in self.requires}
+            cfg["upstream"] = {n: self.create_upstream(n).key for n in self.requires}
         return cfg
+
+    def upstream_params(self) -> dict[str, dict]:
+        """Parameters of the upstream stages this configuration reads ({stage: params}); the
+        runner extracts those stages with them (default: the stages' defaults)."""
+        return {}
+
+    def create_upstream(self, name: str) -> "Extractor":
+        return create(name, device=self.device, **self.upstream_params().get(name, {}))
 
     @property
     def key(self) -> str:

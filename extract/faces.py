@@ -191,6 +191,15 @@ class FaceFeatureExtractor(Extractor):
     frame_batch = 64  # aligned faces per embed() call (same output for any value)
     cpu_threads: ClassVar[int | None] = 1  # torch threads on CPU, see torch_threads
 
+    def __init_subclass__(cls, **kw):
+        super().__init_subclass__(**kw)
+        # every face feature takes `fps`: the rate of the faces track it reads (None = native)
+        cls.defaults = {"fps": Faces.defaults["fps"], **cls.defaults}
+
+    def upstream_params(self) -> dict[str, dict]:
+        fps = self.params["fps"]
+        return {} if fps == Faces.defaults["fps"] else {"faces": {"fps": fps}}
+
     def extract(self, utts):
         with torch_threads(self.device, self.cpu_threads):
             return super().extract(utts)
@@ -200,11 +209,11 @@ class FaceFeatureExtractor(Extractor):
         return self._track_fps()
 
     def _track_fps(self) -> float | None:
-        """The rate the faces track was extracted at: its store's recorded params, else the faces
-        stage's default (what the runner extracts upstream stages with, see Extractor.config)."""
+        """The rate the faces track was extracted at: its store's recorded params, else this
+        extractor's ``fps`` (the rate the runner extracts the faces stage at for it)."""
         attrs = getattr(self.upstream.get("faces"), "attrs", None) or {}
         params = attrs.get("params") or {}
-        return params["fps"] if "fps" in params else Faces.defaults["fps"]
+        return params["fps"] if "fps" in params else self.params["fps"]
 
     def embed(self, crops: np.ndarray, rows: np.ndarray, frame_size: tuple[int, int]) -> np.ndarray:
         raise NotImplementedError

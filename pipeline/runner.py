@@ -194,8 +194,8 @@ def plan(ext: Extractor, manifest: Manifest, store: FeatureStore | None, retry_f
 
 
 def _with_upstream(extractors: list[Extractor]) -> list[Extractor]:
-    """Extractors in run order, each after the stages it ``requires`` (created with their defaults,
-    as Extractor.config() assumes); one instance per store key."""
+    """Extractors in run order, each after the stages it ``requires`` (created with the parameters
+    its ``upstream_params`` gives, as Extractor.config() assumes); one instance per store key."""
     order: list[Extractor] = []
     by_key: dict[str, Extractor] = {}
 
@@ -205,7 +205,7 @@ def _with_upstream(extractors: list[Extractor]) -> list[Extractor]:
         if ext.key in by_key:
             return by_key[ext.key]
         for n in ext.requires:
-            add(base.create(n, device=ext.device), chain + (ext.name,))
+            add(ext.create_upstream(n), chain + (ext.name,))
         by_key[ext.key] = ext
         order.append(ext)
         return ext
@@ -354,7 +354,7 @@ def run_features(manifest: Manifest, extractors: list[Extractor], *, workers: in
             store = FeatureStore.open(path) if (path / "zarr.json").is_file() else None
             todo, summ.cached, summ.failed_before, summ.no_source = plan(ext, manifest, store, retry_failed)
             if todo and ext.requires:
-                ups = {n: store_path(manifest.dataset, base.create(n).key, dtype) for n in ext.requires}
+                ups = {n: store_path(manifest.dataset, ext.create_upstream(n).key, dtype) for n in ext.requires}
                 absent = [n for n, p in ups.items() if not (p / "zarr.json").is_file()]
                 if absent:  # the upstream stage had nothing it could extract
                     summ.skipped = f"upstream stage {absent[0]!r} has no store for {manifest.dataset}"

@@ -440,3 +440,18 @@ def test_faces_at_a_chosen_rate_and_features_follow_it(videos, tmp_path):
     assert fer.frame_rate == 10
     got = fer.extract([u])[0]
     assert got.features.shape == (5, 128) and got.mask.tolist() == out.mask.tolist()
+
+
+def test_face_feature_fps_sets_its_faces_stage():
+    """fer-cnn:fps=5 reads (and the runner extracts) a faces track at 5 fps: a store key of its
+    own, different from the native-rate track's; the default leaves the faces stage untouched."""
+    from pipeline.runner import _with_upstream
+
+    native, slow = create("fer-cnn"), create("fer-cnn", fps=5)
+    assert native.upstream_params() == {} and slow.upstream_params() == {"faces": {"fps": 5}}
+    assert native.key != slow.key
+    order = _with_upstream([slow, native])
+    faces = [e for e in order if e.name == "faces"]
+    assert sorted(str(e.params["fps"]) for e in faces) == ["5", "None"]
+    assert order.index(faces[0]) < order.index(slow) and slow.frame_rate == 5
+    assert create("faces", fps=5).key == slow.create_upstream("faces").key
