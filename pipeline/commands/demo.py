@@ -23,16 +23,15 @@ def add_arguments(p) -> None:
 def main(args) -> int:
     from manifests.datasets import load_manifest
     from pipeline.runner import ensure_features
-    from train.config import load_config
-    from train.methods import available
+    from train.config import list_configs, load_config
     from train.report import report
     from train.run import train_method
 
     t0 = time.perf_counter()
     wanted = [m for m in args.methods.split(",") if m]
-    unknown = [m for m in wanted if m not in available()]
+    unknown = [m for m in wanted if m not in list_configs()]
     if unknown:
-        print(f"imer demo: unknown method(s) {', '.join(unknown)}; available: {', '.join(available())}",
+        print(f"imer demo: unknown method(s) {', '.join(unknown)}; available: {', '.join(list_configs())}",
               file=sys.stderr)
         return 2
 
