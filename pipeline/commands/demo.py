@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 import time
 
-# The methods `make demo` trains, in report order (baseline-aug and mmin reuse baseline's runs).
+# The methods `make demo` trains, in report order (mmin reuses the baseline runs it builds on).
 DEMO_METHODS = ["baseline", "baseline-aug", "mmin", "if-mmin"]
 
 
