@@ -19,8 +19,6 @@ the registry stays fast. Models load lazily in ``load()``, once per process.
 from __future__ import annotations
 
 import hashlib
-import importlib
-import pkgutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
@@ -29,6 +27,7 @@ import numpy as np
 
 from manifests.schema import Utterance
 from pipeline.cache import config_hash
+from pipeline.registry import Registry
 
 MODALITIES = ("audio", "video", "text")
 
@@ -178,42 +177,15 @@ def file_digest(path: str | Path) -> str:
 
 # ---- registry ----------------------------------------------------------------------------------
 
-_REGISTRY: dict[str, type[Extractor]] = {}
-_DISCOVERED = False
+_REGISTRY = Registry("extractor", "extract", skip=("base",))
+available = _REGISTRY.available
+get = _REGISTRY.get
 
 
 def register(cls: type[Extractor]) -> type[Extractor]:
     if cls.modality not in MODALITIES:
         raise ValueError(f"{cls.__name__}: modality must be one of {MODALITIES}")
-    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
-        raise ValueError(f"extractor name {cls.name!r} registered twice")
-    _REGISTRY[cls.name] = cls
-    return cls
-
-
-def _discover() -> None:
-    """Import every module of the ``extract`` package once, so one new file = one new extractor."""
-    global _DISCOVERED
-    if _DISCOVERED:
-        return
-    _DISCOVERED = True
-    import extract
-
-    for m in pkgutil.iter_modules(extract.__path__):
-        if not m.name.startswith("_") and m.name != "base":
-            importlib.import_module(f"extract.{m.name}")
-
-
-def available() -> dict[str, type[Extractor]]:
-    _discover()
-    return dict(sorted(_REGISTRY.items()))
-
-
-def get(name: str) -> type[Extractor]:
-    reg = available()
-    if name not in reg:
-        raise KeyError(f"unknown extractor {name!r}; available: {', '.join(reg)}")
-    return reg[name]
+    return _REGISTRY.register(cls)
 
 
 def create(name: str, device: str = "cpu", **params) -> Extractor:

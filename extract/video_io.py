@@ -17,6 +17,7 @@ from typing import Iterator
 
 import numpy as np
 
+from extract.audio_io import _check_segment  # one rule for audio and video segments
 from manifests.schema import Media
 
 # A frame whose timestamp is within this fraction of a frame period after an output time still
@@ -193,14 +194,6 @@ def _decode(c, s, path: Path):
         yield from c.decode(s)
     except av.error.FFmpegError as e:
         raise ValueError(f"{path}: video decoding failed ({e}); the file is damaged — re-encode it") from None
-
-
-def _check_segment(media: Media, path: Path) -> tuple[float, float | None]:
-    start = 0.0 if media.start is None else float(media.start)
-    end = None if media.end is None else float(media.end)
-    if start < 0 or (end is not None and end <= start):
-        raise ValueError(f"{path}: bad segment start={media.start} end={media.end}; need 0 <= start < end (seconds)")
-    return start, end
 
 
 def _seg(start: float, end: float | None) -> str:

@@ -326,7 +326,7 @@ class NeedsNoWeights(MeanOfLogMel):
 
 
 def test_unavailable_extractor(tmp_path, monkeypatch):
-    monkeypatch.setitem(base._REGISTRY, "test-noweights", NoWeights)
+    monkeypatch.setitem(base._REGISTRY.classes, "test-noweights", NoWeights)
     man = _manifest(tmp_path, "unav", 2)
     with pytest.raises(ExtractorUnavailable, match="no weights"):
         run_features(man, [NoWeights()], progress=False)

@@ -29,18 +29,15 @@ optimiser, schedule, clipping, AMP, checkpoints, early stopping and model select
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
 from typing import ClassVar
 
 import torch
 from torch import nn
 
+from pipeline.registry import Registry
 from train.data import DataSpec
 
-_REGISTRY: dict[str, type["Method"]] = {}
-_DISCOVERED = False
-
+_REGISTRY = Registry("method", "train.methods")
 
 class Method(nn.Module):
     name: ClassVar[str]
@@ -77,35 +74,9 @@ class Method(nn.Module):
         return [p for p in self.parameters() if p.requires_grad]
 
 
-def register(cls: type[Method]) -> type[Method]:
-    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
-        raise ValueError(f"method name {cls.name!r} registered twice")
-    _REGISTRY[cls.name] = cls
-    return cls
-
-
-def _discover() -> None:
-    global _DISCOVERED
-    if _DISCOVERED:
-        return
-    _DISCOVERED = True
-    import train.methods as pkg
-
-    for m in pkgutil.iter_modules(pkg.__path__):
-        if not m.name.startswith("_"):
-            importlib.import_module(f"train.methods.{m.name}")
-
-
-def available() -> dict[str, type[Method]]:
-    _discover()
-    return dict(sorted(_REGISTRY.items()))
-
-
-def get(name: str) -> type[Method]:
-    reg = available()
-    if name not in reg:
-        raise KeyError(f"unknown method {name!r}; available: {', '.join(reg)}")
-    return reg[name]
+register = _REGISTRY.register
+available = _REGISTRY.available
+get = _REGISTRY.get
 
 
 def build(cfg: dict, spec: DataSpec) -> Method:
