@@ -42,16 +42,28 @@ def recipes() -> dict[str, ModuleType]:
     return out
 
 
+def _find(dataset: str) -> ModuleType | None:
+    """The recipe of ``dataset`` or of its alias; the module named like the dataset is tried first,
+    so the common case imports one recipe, not all of them."""
+    try:
+        mod = importlib.import_module(f"manifests.{dataset.replace('-', '_')}")
+    except ModuleNotFoundError:
+        mod = None
+    if mod is not None and getattr(mod, "DATASET", None) == dataset and hasattr(mod, "build"):
+        return mod
+    return recipes().get(dataset)
+
+
 def recipe(dataset: str) -> ModuleType:
-    r = recipes()
-    if dataset not in r:
-        raise ManifestError(f"unknown dataset {dataset!r}; known: {', '.join(sorted(r))}")
-    return r[dataset]
+    mod = _find(dataset)
+    if mod is None:
+        raise ManifestError(f"unknown dataset {dataset!r}; known: {', '.join(sorted(recipes()))}")
+    return mod
 
 
 def canonical(dataset: str) -> str:
     """The recipe's own name for an alias (msp_improv -> msp-improv); other names unchanged."""
-    mod = recipes().get(dataset)
+    mod = _find(dataset)
     return mod.DATASET if mod is not None else dataset
 
 
@@ -59,7 +71,7 @@ def corpus_of(dataset: str) -> str:
     """The corpus behind a dataset name: a recipe's own name (aliases resolved), or for features
     imported with `imer import-features` the corpus they came from (``iemocap-mmin`` -> ``iemocap``),
     so per-corpus settings such as MSP-IMPROV's F1 model selection apply either way."""
-    mod = recipes().get(dataset)
+    mod = _find(dataset)
     if mod is not None:
         return mod.DATASET
     doc = _read_json(manifest_dir(dataset) / "dataset.json") or {}
@@ -89,7 +101,7 @@ def load_manifest(dataset: str, data_root: str | Path | None = None,
     converts a user file (``own``), an explicit ``manifest`` is that file: it is converted (once per
     content) into the cached manifest and folds."""
     if manifest:
-        mod = recipes().get(dataset)
+        mod = _find(dataset)
         if mod is not None and getattr(mod, "CONVERTS", False):
             return read_manifest(build_manifest(dataset, data_root, source=manifest, **options))
         return read_manifest(manifest)
@@ -101,7 +113,7 @@ def load_manifest(dataset: str, data_root: str | Path | None = None,
 
 def protocols(dataset: str) -> list[str]:
     """Fold protocols of ``dataset``, default first: the recipe's, else the fold files present."""
-    mod = recipes().get(dataset)
+    mod = _find(dataset)
     if mod is not None:
         return list(getattr(mod, "PROTOCOLS", []))
     doc = _read_json(manifest_dir(dataset) / "dataset.json") or {}

@@ -17,11 +17,15 @@ def _commands() -> dict[str, str]:
             for m in pkgutil.iter_modules(pkg.__path__) if not m.name.startswith("_")}
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The full parser, or with ``only`` just that subcommand's (importing one command module
+    keeps a no-op `imer features` rerun fast)."""
     p = argparse.ArgumentParser(prog="imer", description="incomplete multimodal emotion recognition toolkit")
     p.add_argument("--version", action="version", version=f"imer {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     for name, modname in sorted(_commands().items()):
+        if only is not None and name != only:
+            continue
         mod = importlib.import_module(modname)
         doc = (mod.__doc__ or "").strip().splitlines()
         sp = sub.add_parser(name, help=doc[0] if doc else None, description=(mod.__doc__ or "").strip(),
@@ -32,7 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    first = argv[0] if argv else None
+    p = build_parser(first if first in _commands() else None)
     args = p.parse_args(argv)
     if not getattr(args, "_main", None):
         p.print_help()
