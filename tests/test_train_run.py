@@ -288,3 +288,21 @@ def test_cpu_threads_default_one_and_restored():
     with cpu_threads("cuda"):
         assert torch.get_num_threads() == old
     assert torch.get_num_threads() == old
+
+
+def test_prerequisite_trained_inside_another_run_is_reused(runs, tmp_path):
+    """mmin-nocycle builds on baseline too: with no standalone baseline run left, it copies the
+    baseline mmin's run trained under prereq/ instead of training it again."""
+    root, out, logs, d, folds = runs
+    import shutil
+
+    res = tmp_path / "results"
+    shutil.copytree(out["mmin"], res / "synth" / "mmin" / out["mmin"].name)  # no baseline/ run here
+    logs2 = []
+    run = run_experiment(d, folds[:1], _cfg("mmin-nocycle"), dataset="synth", seeds=[0], results_dir=res,
+                         progress=False, prereq_overrides={"baseline": FAST}, log=logs2.append)
+    assert any("reusing" in line and "/prereq/baseline/" in line for line in logs2), logs2
+    assert not any("training the prerequisite" in line for line in logs2)
+    a, _, _ = load_checkpoint(out["mmin"] / "prereq" / "baseline" / "f1" / "seed0" / "best.pt")
+    b, _, _ = load_checkpoint(run / "prereq" / "baseline" / "f1" / "seed0" / "best.pt")
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))

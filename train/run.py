@@ -160,7 +160,8 @@ class Experiment:
     # -- prerequisites (MMIN's pretrained baseline) -------------------------------------------------
     def prerequisite(self, name: str, cfg: dict, fold, seed: int):
         """The trained ``name`` model for this fold and seed: from this run's prereq/ folder, else
-        copied from an earlier run of ``name`` with the same config and data, else trained now."""
+        copied from an earlier run of ``name`` (or another run's prerequisite) with the same config
+        and data, else trained now."""
         # resolved for the same per-dataset settings as the method built on it
         key = (cfg.get("dataset_override") or {}).get("dataset") or self.dataset
         pcfg = load_config(name, key, self.prereq_overrides.get(name))
@@ -171,8 +172,13 @@ class Experiment:
         sig = fold_signature(pcfg, self.data, fold, seed)
         pdir = self.run_dir / "prereq" / _safe(name) / _safe(fold.name) / f"seed{seed}"
         if not _finished(pdir, sig):
-            for src in sorted(self.root.glob(f"{_safe(self.dataset)}/{_safe(name)}/*/folds/{_safe(fold.name)}/seed{seed}"),
-                              reverse=True):
+            ds, n, fd = _safe(self.dataset), _safe(name), _safe(fold.name)
+            earlier = [*sorted(self.root.glob(f"{ds}/{n}/*/folds/{fd}/seed{seed}"), reverse=True),
+                       # also what another method's run trained as the same prerequisite
+                       *sorted(self.root.glob(f"{ds}/*/*/prereq/{n}/{fd}/seed{seed}"), reverse=True)]
+            for src in earlier:
+                if src == pdir:
+                    continue
                 if _finished(src, sig):
                     pdir.mkdir(parents=True, exist_ok=True)
                     for f in ("best.pt", "result.json", "history.json"):
