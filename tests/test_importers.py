@@ -188,6 +188,10 @@ def test_mmin_cli(tmp_path, capsys):
         assert imer(["manifest", "--dataset", "t-cli-mmin", *extra]) == 0
         out = capsys.readouterr().out
         assert f"{len(labels)} utterances" in out and "folds-mmin10 (10 folds" in out
+    # no media behind imported features: `imer features` refuses in one line instead of failing per file
+    assert imer(["features", "--dataset", "t-cli-mmin"]) == 2
+    err = capsys.readouterr().err
+    assert "holds imported features" in err and "imer train --dataset t-cli-mmin" in err
 
 
 # ---- MMSA ------------------------------------------------------------------------------------------

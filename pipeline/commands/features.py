@@ -46,6 +46,13 @@ def main(args) -> int:
     if args.workers < 1:
         print("imer features: --workers must be >= 1", file=sys.stderr)
         return 2
+    from manifests.datasets import feature_map
+
+    if feature_map(args.dataset) and not (args.data_root or args.manifest):
+        print(f"imer features: dataset {args.dataset!r} holds imported features (imer import-features) "
+              "and no media to extract from; train on it directly (imer train --dataset "
+              f"{args.dataset} ...) or pass --data-root/--manifest of the raw corpus", file=sys.stderr)
+        return 2
     try:
         man = load_manifest(args.dataset, args.data_root, args.manifest)
         man.dataset = args.dataset
