@@ -70,6 +70,10 @@ class Method(nn.Module):
             return nn.functional.mse_loss(out.float().view(-1), y.float())
         return nn.functional.l1_loss(out.float().view(-1), y.float())
 
+    def loss_weight(self, term: str, default: float) -> float:
+        """The weight of a loss term: the config's ``loss.<term>``, else the paper's ``default``."""
+        return float(self.cfg.get("loss", {}).get(term, default))
+
     def trainable_parameters(self):
         return [p for p in self.parameters() if p.requires_grad]
 

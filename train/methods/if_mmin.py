@@ -88,6 +88,13 @@ class InvarianceEncoder(nn.Module):
         return {m: self.net(h[m]) for m in MODALITIES}
 
 
+def invariance_encoder(encoders: ModalityEncoders, model_cfg: dict) -> "InvarianceEncoder":
+    """The shared invariance encoder over ``encoders``' per-modality embeddings (config
+    ``model.invariance``: layers, dropout); both IF-MMIN stages build it the same way."""
+    inv = model_cfg.get("invariance", {})
+    return InvarianceEncoder(_embed_dim(encoders), inv.get("layers", [128, 128]), float(inv.get("dropout", 0.0)))
+
+
 def _embed_dim(encoders: ModalityEncoders) -> int:
     dims = set(encoders.out_dims.values())
     if len(dims) != 1:
@@ -123,14 +130,11 @@ class IFMMINPretrain(Method):
     def __init__(self, cfg, spec):
         super().__init__(cfg, spec)
         m = cfg["model"]
-        w = cfg.get("loss", {})
-        self.w_ce = float(w.get("ce", 1.0))
-        self.w_cmd = float(w.get("cmd", 1.0))
-        self.k = int(w.get("cmd_moments", 5))
+        self.w_ce = self.loss_weight("ce", 1.0)
+        self.w_cmd = self.loss_weight("cmd", 1.0)
+        self.k = int(self.loss_weight("cmd_moments", 5))
         self.encoders = ModalityEncoders(spec.dims, m["encoders"])
-        inv = m.get("invariance", {})
-        self.invariance = InvarianceEncoder(_embed_dim(self.encoders), inv.get("layers", [128, 128]),
-                                            float(inv.get("dropout", 0.0)))
+        self.invariance = invariance_encoder(self.encoders, m)
         d = self.encoders.out_dim + len(MODALITIES) * self.invariance.out_dim
         self.classifier = FcClassifier(d, m["classifier"], spec.out_dim, m.get("dropout", 0.3))
 
@@ -164,19 +168,17 @@ class IFMMIN(Method):
     def __init__(self, cfg, spec):
         super().__init__(cfg, spec)
         m = cfg["model"]
-        w = cfg.get("loss", {})
-        self.w_ce = float(w.get("ce", 1.0))
-        self.w_img = float(w.get("imagination", 1.0))
-        self.w_inv = float(w.get("invariance", 100.0))
-        dist = w.get("distance", "rmse")
+        self.w_ce = self.loss_weight("ce", 1.0)
+        self.w_img = self.loss_weight("imagination", 1.0)
+        self.w_inv = self.loss_weight("invariance", 100.0)
+        dist = cfg.get("loss", {}).get("distance", "rmse")
         if dist not in ("rmse", "mse"):
             raise ValueError(f"if-mmin: loss.distance must be rmse or mse, got {dist!r}")
         self.distance = rmse if dist == "rmse" else (lambda a, b: nn.functional.mse_loss(a.float(), b.float()))
-        inv = m.get("invariance", {})
 
         def encoders_pair():
             enc = ModalityEncoders(spec.dims, m["encoders"])
-            return enc, InvarianceEncoder(_embed_dim(enc), inv.get("layers", [128, 128]), float(inv.get("dropout", 0.0)))
+            return enc, invariance_encoder(enc, m)
 
         self.encoders, self.invariance = encoders_pair()  # student, fine-tuned
         self.teacher, self.teacher_inv = encoders_pair()  # frozen copies of the pretrained ones

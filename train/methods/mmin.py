@@ -34,10 +34,9 @@ class MMIN(Method):
     def __init__(self, cfg, spec):
         super().__init__(cfg, spec)
         m = cfg["model"]
-        w = cfg.get("loss", {})
-        self.w_ce = float(w.get("ce", 1.0))
-        self.w_forward = float(w.get("forward", 4.0))
-        self.w_cycle = float(w.get("cycle", 2.0))
+        self.w_ce = self.loss_weight("ce", 1.0)
+        self.w_forward = self.loss_weight("forward", 4.0)
+        self.w_cycle = self.loss_weight("cycle", 2.0)
         self.encoders = ModalityEncoders(spec.dims, m["encoders"])  # student, fine-tuned
         self.teacher = ModalityEncoders(spec.dims, m["encoders"])  # frozen copy of the pretrained encoders
         self.teacher.requires_grad_(False)
