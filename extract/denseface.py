@@ -117,9 +117,12 @@ def load_checkpoint(path: str | Path, device: str = "cpu"):
     if not isinstance(doc, dict) or doc.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path}: not a denseface checkpoint (format {doc.get('format') if isinstance(doc, dict) else None!r}, "
                          f"expected {CHECKPOINT_FORMAT!r}); write one with `imer denseface-train`")
-    model = build_densenet(n_classes=len(doc["classes"]), **doc["arch"])
     try:
+        model = build_densenet(n_classes=len(doc["classes"]), **doc["arch"])
         model.load_state_dict(doc["state_dict"])
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"{path}: damaged denseface checkpoint ({type(e).__name__}: {e}); "
+                         "rewrite it with `imer denseface-train`") from None
     except RuntimeError as e:
         raise ValueError(f"{path}: weights do not fit DenseNet-BC {doc['arch']} ({str(e).splitlines()[0]})") from None
     meta = {k: v for k, v in doc.items() if k != "state_dict"}

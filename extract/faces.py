@@ -19,7 +19,6 @@ dominate, and a store then holds the same features whether a CPU or a GPU comput
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from typing import ClassVar
 
 import numpy as np
@@ -27,6 +26,7 @@ import numpy as np
 from extract.base import Extractor, ExtractorUnavailable, Output, register
 from extract.video_io import iter_chunks
 from manifests.schema import Utterance
+from pipeline.device import torch_threads
 
 TRACK_COLUMNS = ("prob", "x1", "y1", "x2", "y2",
                  "eye_a_x", "eye_a_y", "eye_b_x", "eye_b_y", "nose_x", "nose_y",
@@ -39,25 +39,6 @@ TRACK_COLUMNS = ("prob", "x1", "y1", "x2", "y2",
 _ARCFACE = np.array([[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366],
                      [41.5493, 92.3655], [70.7299, 92.2041]]) / 112.0
 FACE_TEMPLATE = (0.5 + 0.9 * (_ARCFACE - 0.5) + np.array([0.0, -0.08])).astype(np.float32)
-
-
-@contextmanager
-def torch_threads(device: str, n: int | None):
-    """Run torch with ``n`` intra-op threads while on CPU (the previous count is restored). MTCNN and
-    these small CNNs are thousands of tiny ops (one resize per candidate box): on a busy 2-core
-    machine two threads ran them 5-15x slower than one, waiting on each other. Scale out with
-    ``imer features --workers N`` instead. ``n`` None, or a CUDA device: unchanged."""
-    import torch
-
-    old = torch.get_num_threads()
-    if n is None or not str(device).startswith("cpu") or n == old:
-        yield
-        return
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
 
 
 def choose_face(boxes: np.ndarray, probs: np.ndarray, width: int, side: str | None) -> int | None:

@@ -254,9 +254,11 @@ def _record(p: Plan, spk: Speaker, duration: float, n_frames: int, occluded) -> 
     """Ground truth kept in each manifest record's ``extra``: the speaker-fold it is tested in, the
     video's frame count and occluded [start, end) frame ranges (no face visible), and how strongly
     each modality shows the emotion."""
+    from manifests import _demo_face
+
     return {
         "fold": SPEAKERS.index(spk) + 1, "gender": spk.gender, "duration": round(duration, 4),
-        "fps": 25, "n_frames": n_frames, "occluded": [list(r) for r in occluded],
+        "fps": _demo_face.FPS, "n_frames": n_frames, "occluded": [list(r) for r in occluded],
         "text_kind": p.text_kind, "voice": spk.voice, "prosody": p.prosody,
         "audio_intensity": p.audio_intensity, "video_intensity": p.video_intensity,
         "expression": p.expression,
@@ -351,12 +353,14 @@ def _write_corpus(d: Path, seed: int, size, stamp: dict, progress: bool) -> None
                                                   leave=False), speech)]
     write_manifest(d / "manifest.jsonl", utts, DATASET, labels=LABELS, root=None)
     write_folds(d / "folds-speaker.json", speaker_folds(utts), "speaker")
+    from manifests import _demo_face, _demo_tts
+
     counts = {"n_utterances": len(utts),
               "labels": dict(sorted(Counter(u.label for u in utts).items())),
               "speakers": dict(sorted(Counter(u.speaker for u in utts).items())),
               "occluded_videos": sum(bool(u.extra["occluded"]) for u in utts),
               "seconds": round(sum(u.extra["duration"] for u in utts), 2),
-              "sample_rate": 16000, "fps": 25, "frame_size": 160}
+              "sample_rate": _demo_tts.SR, "fps": _demo_face.FPS, "frame_size": _demo_face.SIZE}
     (d / "corpus.json").write_text(json.dumps({**stamp, **counts}, indent=1))  # last: marks it complete
 
 

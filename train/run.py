@@ -25,13 +25,13 @@ import re
 import shutil
 import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import yaml
 
 from pipeline.cache import config_hash
+from pipeline.device import torch_threads
 from train import metrics
 from train.config import ConfigError, load_config
 from train.data import MultimodalData, Normalizer
@@ -348,20 +348,8 @@ def train_method(dataset: str, method: str, folds=None, seeds=None, device: str 
                               prereq_overrides=prereq_overrides, progress=progress, log=log)
 
 
-@contextmanager
 def cpu_threads(device: str, n: int | None = None):
-    """Torch intra-op threads while training on CPU: ``n``, default 1 (restored afterwards). These
-    small recurrent nets gain little from more threads, and on a busy 2-core machine two threads
-    trained the demo 8x slower than one (117 s vs 15 s per fold). CUDA: unchanged."""
-    import torch
-
-    old = torch.get_num_threads()
-    if not str(device).startswith("cpu"):
-        yield
-        return
-    torch.set_num_threads(int(n or 1))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
+    """Torch intra-op threads while training on CPU: ``n``, default 1 (restored afterwards); these
+    small recurrent nets gain little from more threads (see pipeline.device.torch_threads)."""
+    return torch_threads(device, int(n or 1))
 

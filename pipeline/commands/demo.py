@@ -40,13 +40,12 @@ def main(args) -> int:
     print(f"   {len(manifest)} utterances, manifest {manifest.path}", flush=True)
 
     print("== 2/4 features", flush=True)
-    specs = {}
-    for m in wanted:  # the union of the features the chosen methods read on the demo
+    specs = {}  # the union of the features the chosen methods read on the demo, extracted in one pass
+    for m in wanted:
         for mod, spec in load_config(m, "demo")["features"].items():
-            specs.setdefault(f"{mod}:{spec}", (mod, spec))
-    for mod, spec in specs.values():
-        store = ensure_features("demo", {mod: spec}, device=args.device, workers=args.workers)[mod]
-        print(f"   {mod}: {store.path}", flush=True)
+            specs.setdefault(f"{mod}:{spec}", spec)
+    for name, store in ensure_features("demo", specs, device=args.device, workers=args.workers).items():
+        print(f"   {name.split(':')[0]}: {store.path}", flush=True)
 
     print("== 3/4 train and evaluate every missing-modality condition", flush=True)
     for m in wanted:

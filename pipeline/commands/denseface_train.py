@@ -45,6 +45,9 @@ def add_arguments(p) -> None:
 
 
 def main(args) -> int:
+    if args.epochs < 1 or args.batch_size < 1:
+        print("imer denseface-train: --epochs and --batch-size must be >= 1", file=sys.stderr)
+        return 2
     from extract.denseface import FER2013_CLASSES, FERPLUS_CLASSES
     from pipeline.device import resolve_device
 
