@@ -15,6 +15,7 @@ from manifests import datasets
 from manifests.importers import open_imported
 from manifests.importers.mmin import import_mmin
 from manifests.importers.mmsa import import_mmsa
+from manifests.schema import ManifestError
 from manifests.schema import ManifestError, read_folds, read_manifest
 from pipeline.cli import main as imer
 
@@ -312,3 +313,17 @@ def test_model_trains_from_imported_mmin(tmp_path):
     assert {m: f["key"] for m, f in meta["features"].items()} == {m: s.key for m, s in open_imported(name).items()}
     # the fixture's features are class-dependent: a trained model beats chance (0.25) by far
     assert res["test"]["avt"]["ua"] > 0.6
+    # no extractor can reproduce imported features from media: predict says so in one line
+    from train.predict import PredictError, predict
+
+    assert {f.get("format") for f in meta["features"].values()} == {"mmin"}
+    with pytest.raises(PredictError, match="imported mmin features"):
+        predict(run, text="hello there")
+
+
+def test_mmin_label_row_that_is_not_one_hot(tmp_path):
+    from manifests.importers.mmin import _labels
+
+    assert _labels(np.eye(4)[[2, 0]], tmp_path / "trn_label.npy") == [2, 0]
+    with pytest.raises(ManifestError, match=r"trn_label.npy: row 1 is not one-hot"):
+        _labels(np.array([[0, 1, 0, 0], [0, 0, 0, 0]]), tmp_path / "trn_label.npy")

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from train.config import load_config
+from train.config import ConfigError, load_config
 from train.data import Normalizer
 from train.methods import build
 from train.run import run_experiment
@@ -306,3 +306,20 @@ def test_prerequisite_trained_inside_another_run_is_reused(runs, tmp_path):
     a, _, _ = load_checkpoint(out["mmin"] / "prereq" / "baseline" / "f1" / "seed0" / "best.pt")
     b, _, _ = load_checkpoint(run / "prereq" / "baseline" / "f1" / "seed0" / "best.pt")
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_prerequisite_with_other_encoders_is_refused(runs, tmp_path):
+    """mmin loads its encoders from the baseline: an override of mmin's encoders alone would give a
+    state_dict mismatch deep in torch; it is refused up front, naming the section."""
+    root, out, logs, d, folds = runs
+    cfg = _cfg("mmin", **{"model.encoders.a.hidden": 16})
+    with pytest.raises(ConfigError, match="model.encoders differs"):
+        run_experiment(d, folds[:1], cfg, dataset="synth", seeds=[0], results_dir=tmp_path, progress=False,
+                       prereq_overrides={"baseline": FAST}, log=lambda *a: None)
+
+
+def test_unknown_invalid_frames_value_is_refused():
+    from train.run import build_data
+
+    with pytest.raises(ConfigError, match="invalid_frames must be drop or zero"):
+        build_data(None, {}, {"data": {"invalid_frames": "dorp"}})

@@ -134,6 +134,11 @@ def predict(run, audio=None, video=None, text=None, fold=None, device: str = "cp
     device = resolve_device(device)
     ck = torch.load(checkpoints(run_dir, fold)[0], map_location="cpu", weights_only=False)
     cfg, dims = ck["config"], ck["spec"]["dims"]
+    feats = json.loads((run_dir / "run.json").read_text()).get("features", {}) if (run_dir / "run.json").is_file() else {}
+    imported = sorted({str(f.get("format")) for f in feats.values() if isinstance(f, dict) and f.get("format")})
+    if imported:
+        raise PredictError(f"{run_dir}: trained on imported {'/'.join(imported)} features, which imer cannot "
+                           "compute from media; train on features imer extracts to predict from recordings")
     inputs = {"audio": audio, "video": video, "text": text}
     if not any(inputs.values()):
         raise PredictError("give at least one of --audio X.wav, --video Y.mp4, --text '...'")

@@ -169,6 +169,11 @@ class Experiment:
             if pcfg.get(key) != cfg.get(key):
                 raise ConfigError(f"train/configs/{name}.yaml: its '{key}' section differs from "
                                   f"{cfg['name']}'s, but {cfg['name']} builds on it; make them equal")
+        for part in ("encoders", "invariance"):  # the weights the method loads from its prerequisite
+            mine, theirs = cfg.get("model", {}).get(part), pcfg.get("model", {}).get(part)
+            if mine is not None and theirs is not None and mine != theirs:
+                raise ConfigError(f"train/configs/{name}.yaml: model.{part} differs from {cfg['name']}'s, whose "
+                                  f"weights it loads; set the same value for both (--set applies to {cfg['name']} only)")
         sig = fold_signature(pcfg, self.data, fold, seed)
         pdir = self.run_dir / "prereq" / _safe(name) / _safe(fold.name) / f"seed{seed}"
         if not _finished(pdir, sig):
@@ -310,7 +315,7 @@ def store_description(stores: dict) -> dict:
     for mod, s in stores.items():
         a = getattr(s, "attrs", None)
         a = dict(a() if callable(a) else a or {})
-        out[mod] = {k: a.get(k) for k in ("name", "params", "key", "dim", "frame_rate", "modality", "version", "requires")
+        out[mod] = {k: a.get(k) for k in ("name", "params", "key", "dim", "frame_rate", "modality", "version", "requires", "format")
                     if k in a}
         if getattr(s, "path", None) is not None:
             out[mod]["path"] = str(s.path)
@@ -319,6 +324,8 @@ def store_description(stores: dict) -> dict:
 
 def build_data(manifest, stores: dict, cfg: dict) -> MultimodalData:
     d = cfg.get("data", {})
+    if d.get("invalid_frames", "drop") not in ("drop", "zero"):
+        raise ConfigError(f"data.invalid_frames must be drop or zero, got {d['invalid_frames']!r}")
     return MultimodalData.from_stores(manifest, stores, invalid_frames=d.get("invalid_frames", "drop"),
                                       max_len=d.get("max_len"), fixed_len=bool(d.get("fixed_len")))
 

@@ -61,6 +61,10 @@ def _labels(arr: np.ndarray, path: Path) -> list[int]:
     if a.ndim == 2:
         if a.shape[1] != len(LABELS):
             raise ManifestError(f"{path}: one-hot labels with {a.shape[1]} columns; MMIN has {len(LABELS)} classes")
+        bad = np.flatnonzero((a != 0).sum(axis=1) != 1)
+        if len(bad):
+            raise ManifestError(f"{path}: row {int(bad[0])} is not one-hot ({a[bad[0]].tolist()}); "
+                                "each label row needs exactly one non-zero class")
         a = a.argmax(axis=1)
     if a.ndim != 1 or (len(a) and (a.min() < 0 or a.max() >= len(LABELS))):
         raise ManifestError(f"{path}: labels must be one-hot (N, 4) or class indices 0..3, got shape {np.shape(arr)}")
