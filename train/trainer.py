@@ -107,13 +107,13 @@ def pooled(results: dict) -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate(ys), np.concatenate(outs)
 
 
-def output_loss(task: str, y: np.ndarray, out: np.ndarray) -> float:
-    """Cross-entropy of logits (classification) or L1 (regression): the validation loss."""
+def output_loss(method, y: np.ndarray, out: np.ndarray) -> float:
+    """The validation loss: the method's own task loss (cross-entropy, or L1/MSE as configured)."""
     if len(y) == 0:
         return float("nan")
-    if task == "classification":
-        return float(torch.nn.functional.cross_entropy(torch.from_numpy(out).float(), torch.from_numpy(y).long()))
-    return float(np.abs(out.reshape(len(out), -1)[:, 0] - y).mean())
+    y_t = torch.from_numpy(y).long() if method.spec.task == "classification" else torch.from_numpy(y).float()
+    with torch.no_grad():
+        return float(method.task_loss(torch.from_numpy(out).float(), y_t))
 
 
 def select_metric(name: str | None, task: str) -> str:
@@ -216,7 +216,7 @@ class Trainer:
                            max(bs, 256), self.device, self.amp)
             y, out = pooled(val)
             vm = metrics.compute(self.data.task, y, out)
-            rec.update(val_score=vm[self.metric], val_loss=output_loss(self.data.task, y, out),
+            rec.update(val_score=vm[self.metric], val_loss=output_loss(self.method, y, out),
                        val={k: v for k, v in vm.items() if k != "n"}, val_time_s=time.perf_counter() - t0,
                        lr=opt.param_groups[0]["lr"])
             if isinstance(sched, torch.optim.lr_scheduler.ReduceLROnPlateau):
