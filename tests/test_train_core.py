@@ -244,6 +244,23 @@ def test_mmin_loss_composition(data, w):
     m.zero_grad()
     parts["cycle"].backward()
     assert m.classifier.net[0].weight.grad is None or not m.classifier.net[0].weight.grad.any()
+    # ... and the encoders' gradient equals that of the loss with h.detach() as the target, not with h
+    def enc_grad(detach: bool):
+        m.zero_grad()
+        h = m.encoders.fuse(m.encoders(b["x"], b["lengths"]))
+        back, _ = m.imagine_back(m.imagine(h)[0])
+        (w[2] * ((back - (h.detach() if detach else h)) ** 2).mean()).backward()
+        return grads()
+
+    def grads():
+        return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten()
+                          for p in m.encoders.parameters()])
+
+    m.zero_grad()
+    total, parts = m.loss(b)
+    parts["cycle"].backward()
+    g = grads()
+    assert torch.allclose(g, enc_grad(True), atol=1e-6) and not torch.allclose(g, enc_grad(False), atol=1e-6)
 
 
 def test_mmin_ablation_switches(data):
