@@ -96,7 +96,7 @@ def apply_availability(batch: dict, avail) -> dict:
     the evaluator removes ``x_full`` before ``predict``, so predictions can never use it."""
     import torch
 
-    avail = torch.as_tensor(np.asarray(avail), dtype=torch.bool)
+    avail = torch.as_tensor(np.asarray(avail), dtype=torch.bool, device=batch["natural"].device)
     full = batch.get("x_full", batch["x"])
     out = dict(batch)
     out["x_full"] = full

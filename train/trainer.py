@@ -87,14 +87,15 @@ def evaluate(method, data: MultimodalData, idx, conditions, normalizer: Normaliz
     with torch.no_grad():
         for batch in data.batches(idx, batch_size, normalizer):
             n = len(batch["y"])
+            index, y = batch["index"].numpy(), batch["y"].numpy()
+            batch = batch_to(batch, device)  # once per batch; each condition masks it on the device
             for c in conditions:
                 b = apply_availability(batch, np.tile(availability(c), (n, 1)))
                 b.pop("x_full")
-                b = batch_to(b, device)
                 with torch.autocast(device_type="cuda", dtype=torch.float16, enabled=amp):
                     out = method.predict(b)
-                res[c]["index"].append(batch["index"].numpy())
-                res[c]["y"].append(batch["y"].numpy())
+                res[c]["index"].append(index)
+                res[c]["y"].append(y)
                 res[c]["out"].append(out.float().cpu().numpy().reshape(n, -1))
     method.train(was_training)
     return {c: {k: np.concatenate(v) if v else np.zeros(0) for k, v in r.items()} for c, r in res.items()}
