@@ -63,6 +63,8 @@ class Extractor:
     # Upstream stages this one reads (e.g. visual extractors read the `faces` track). The runner
     # extracts them first and puts their opened stores in ``self.upstream[name]``.
     requires: ClassVar[tuple[str, ...]] = ()
+    # parameters naming a hub id or local model directory (see config)
+    local_model_params: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, device: str = "cpu", **params):
         unknown = set(params) - set(self.defaults)
@@ -90,7 +92,13 @@ class Extractor:
 
     def config(self) -> dict:
         """Everything the output depends on; its hash is part of the store key."""
-        cfg = {"name": self.name, "version": self.version, "params": self.params,
+        params = dict(self.params)
+        for k in self.local_model_params:
+            # a local model directory is identified by its content (model_identity), not its path,
+            # so checkouts with their own copy of one model share the store
+            if params.get(k) and Path(str(params[k])).expanduser().is_dir():
+                params[k] = "<local directory>"
+        cfg = {"name": self.name, "version": self.version, "params": params,
                "model": self.model_identity()}
         if self.requires:  # a changed upstream stage changes this stage's key too
             cfg["upstream"] = {n: self.create_upstream(n).key for n in self.requires}

@@ -146,6 +146,7 @@ class Bert(Extractor):
     """
 
     name = "bert"
+    local_model_params = ("model",)
     version = "1"
     modality = "text"
     defaults = {"model": "bert-base-uncased", "revision": None, "layer": -1, "special_tokens": True,
@@ -203,14 +204,6 @@ class Bert(Extractor):
 
     def model_identity(self) -> dict:
         return self._resolve()[1]
-
-    def config(self) -> dict:
-        cfg = super().config()
-        if "model" in self.params and Path(self.params["model"]).expanduser().is_dir():
-            # a local copy is identified by its content (model_identity), not its path, so
-            # checkouts with their own copy of one model share the store
-            cfg["params"] = {**cfg["params"], "model": "<local directory>"}
-        return cfg
 
     # -- running ---------------------------------------------------------------------------------
     def load(self) -> None:

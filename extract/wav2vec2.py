@@ -37,6 +37,7 @@ CONFIG_FILES = ("config.json", "preprocessor_config.json")  # architecture; inpu
 @register
 class Wav2Vec2(Extractor):
     name = "wav2vec2"
+    local_model_params = ("model",)
     version = "1"
     modality = "audio"
     defaults = {"model": "facebook/wav2vec2-base", "revision": None, "layer": "last", "layer_weights": None,
@@ -87,12 +88,6 @@ class Wav2Vec2(Extractor):
         hit = try_to_load_from_cache(model, "config.json", revision=rev)
         commit = Path(hit).parent.name if isinstance(hit, str) else None
         return {"model": model, "revision": rev, "commit": commit}
-
-    def config(self) -> dict:
-        cfg = super().config()
-        if Path(self.params["model"]).expanduser().is_dir():  # identified by content, not path
-            cfg["params"] = {**cfg["params"], "model": "<local directory>"}
-        return cfg
 
     def _unavailable(self, err: Exception | str) -> str:
         return (f"wav2vec2: no weights for {self.params['model']!r} here (runs are offline). Provide them: download "
