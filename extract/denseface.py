@@ -84,9 +84,11 @@ def build_densenet(n_classes: int = len(FERPLUS_CLASSES), depth: int = 100, grow
     return DenseNet()
 
 
-def normalise(gray64: np.ndarray, mean: float = MEAN, std: float = STD) -> np.ndarray:
-    """(N, 64, 64) uint8 -> (N, 1, 64, 64) float32, (x - mean) / std."""
-    return ((np.asarray(gray64, np.float32) - mean) / std)[:, None]
+def normalise(gray64, mean: float = MEAN, std: float = STD):
+    """(N, 64, 64) uint8 -> (N, 1, 64, 64) float32, (x - mean) / std; numpy arrays or torch
+    tensors (training on the GPU normalises there with the same rule)."""
+    x = gray64.float() if hasattr(gray64, "float") and not isinstance(gray64, np.ndarray) else np.asarray(gray64, np.float32)
+    return ((x - mean) / std)[:, None]
 
 
 def save_checkpoint(path: str | Path, model, classes, mean: float, std: float, arch: dict, trained: dict) -> Path:

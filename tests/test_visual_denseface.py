@@ -198,3 +198,15 @@ def test_denseface_train_bad_input_names_file_and_line(tmp_path, capsys, breakag
     assert rc == 2
     err = capsys.readouterr().err
     assert message in err and not (tmp_path / "x.pt").exists()
+
+
+def test_training_and_extraction_normalise_alike():
+    """denseface-train (torch tensors) and the extractor (numpy) share one input rule."""
+    import torch
+
+    from extract.denseface import MEAN, STD, normalise
+
+    g = np.random.default_rng(0).integers(0, 256, (3, 64, 64), dtype=np.uint8)
+    a, t = normalise(g), normalise(torch.from_numpy(g))
+    assert a.shape == tuple(t.shape) == (3, 1, 64, 64)
+    assert np.allclose(a, t.numpy(), atol=1e-6) and np.isclose(a[0, 0, 0, 0], (g[0, 0, 0] - MEAN) / STD)

@@ -207,7 +207,7 @@ def train(data: dict, n_classes: int, *, epochs: int, batch_size: int, lr: float
     import torch
     from tqdm.auto import tqdm
 
-    from extract.denseface import MEAN, STD, build_densenet
+    from extract.denseface import build_densenet, normalise
 
     if epochs < 1 or batch_size < 1:
         raise ValueError("--epochs and --batch-size must be >= 1")
@@ -225,7 +225,7 @@ def train(data: dict, n_classes: int, *, epochs: int, batch_size: int, lr: float
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 0.5 * (1 + math.cos(math.pi * min(k, steps) / steps)))
 
     def prep(xb):
-        return ((xb.float() - MEAN) / STD).unsqueeze(1)
+        return normalise(xb)
 
     def accuracy(split):
         if not len(xs[split]):
