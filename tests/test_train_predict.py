@@ -71,3 +71,20 @@ def test_predict_command(run, wav, capsys):
     assert "give at least one" in capsys.readouterr().err
     assert main(["predict", "--run", str(run), "--audio", "/nonexistent.wav"]) == 2
     assert "no such file" in capsys.readouterr().err
+
+
+def test_resolve_run_skips_a_damaged_run_json(tmp_path):
+    """A half-written run.json beside finished runs is passed over, not a traceback; the newest
+    complete run wins by finishing time."""
+    import json
+
+    from train.predict import resolve_run
+
+    for name, doc in [("20260101-a", {"status": "complete", "finished": "2026-01-02"}),
+                      ("20260103-b", {"status": "complete", "finished": "2026-01-01"}),
+                      ("20260104-c", {"status": "running"})]:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "run.json").write_text(json.dumps(doc))
+    (tmp_path / "20260105-d").mkdir()
+    (tmp_path / "20260105-d" / "run.json").write_text('{"status": "compl')
+    assert resolve_run(tmp_path) == tmp_path / "20260101-a"

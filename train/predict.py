@@ -26,17 +26,16 @@ class PredictError(ValueError):
 def resolve_run(run: str | Path, results_dir=None) -> Path:
     """A run folder (holding run.json), a method folder (its newest complete run) or
     ``<dataset>/<method>`` under the results root."""
-    from train.run import results_root
+    from train.run import newest_complete, read_runs, results_root
 
     p = Path(run)
     cands = [p, results_root(results_dir) / p]
     for c in cands:
         if (c / "run.json").is_file():
             return c
-        runs = sorted((d.parent for d in c.glob("*/run.json")
-                       if json.loads(d.read_text()).get("status") == "complete"), key=lambda d: d.name)
-        if runs:
-            return runs[-1]
+        newest = newest_complete(read_runs(c))
+        if newest is not None:
+            return newest
     raise PredictError(f"{run}: not a training run (no run.json there or in a sub-folder); "
                        "give results/<dataset>/<method>/<run-id> or results/<dataset>/<method>")
 

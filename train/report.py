@@ -8,7 +8,7 @@ from pathlib import Path
 
 from train.metrics import NAMES
 from train.results import collect, markdown_table, plot_conditions, summarize
-from train.run import _safe, results_root
+from train.run import _safe, newest_complete, read_runs, results_root
 
 # Report order: the paper's rows first, then anything else alphabetically.
 ORDER = ["baseline", "baseline-aug", "mmin", "mmin-ae", "mmin-nocycle", "if-mmin"]
@@ -17,21 +17,13 @@ ORDER = ["baseline", "baseline-aug", "mmin", "mmin-ae", "mmin-nocycle", "if-mmin
 def latest_runs(dataset: str, results_dir=None) -> dict[str, Path]:
     """{method: run directory} of the newest complete run of every method trained on ``dataset``."""
     root = results_root(results_dir) / _safe(dataset)
-    runs: dict[str, tuple[str, Path]] = {}
-    for meta_path in root.glob("*/*/run.json"):
-        try:
-            meta = json.loads(meta_path.read_text())
-        except json.JSONDecodeError:
-            continue
-        if meta.get("status") != "complete":
-            continue
-        method = meta.get("method") or meta_path.parent.parent.name
-        stamp = meta.get("finished") or ""
-        key = (stamp, meta_path.parent.name)
-        if method not in runs or key > (runs[method][0], runs[method][1].name):
-            runs[method] = (stamp, meta_path.parent)
+    by_method: dict[str, list] = {}
+    for d, meta in read_runs(root, "*/*/run.json"):
+        by_method.setdefault(meta.get("method") or d.parent.name, []).append((d, meta))
+    runs = {m: newest_complete(rs) for m, rs in by_method.items()}
+    runs = {m: d for m, d in runs.items() if d is not None}
     order = {m: i for i, m in enumerate(ORDER)}
-    return {m: runs[m][1] for m in sorted(runs, key=lambda m: (order.get(m, len(ORDER)), m))}
+    return {m: runs[m] for m in sorted(runs, key=lambda m: (order.get(m, len(ORDER)), m))}
 
 
 def report(dataset: str, results_dir=None, write: bool = True) -> str:

@@ -240,15 +240,27 @@ def _write_json(path: Path, obj) -> None:
     tmp.replace(path)
 
 
+def read_runs(root: Path, pattern: str = "*/run.json"):
+    """(run directory, its run.json) for every readable run under ``root``, in path order; a
+    half-written or damaged run.json is skipped."""
+    for p in sorted(Path(root).glob(pattern)):
+        try:
+            yield p.parent, json.loads(p.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+
+
+def newest_complete(runs) -> Path | None:
+    """The newest complete run of ``read_runs`` output, by finishing time then run id."""
+    done = [(meta.get("finished") or "", d.name, d) for d, meta in runs if meta.get("status") == "complete"]
+    return max(done)[2] if done else None
+
+
 def find_run(method_dir: Path, match: dict) -> Path | None:
     """The newest unfinished run in ``method_dir`` whose run.json agrees with ``match``."""
-    for d in sorted(method_dir.glob("*/run.json"), reverse=True):
-        try:
-            meta = json.loads(d.read_text())
-        except json.JSONDecodeError:
-            continue
+    for d, meta in reversed(list(read_runs(method_dir))):
         if meta.get("status") != "complete" and all(meta.get(k) == v for k, v in match.items()):
-            return d.parent
+            return d
     return None
 
 
