@@ -262,3 +262,9 @@ def test_run_trains_pretrain_stage_and_loads_its_checkpoint(tmp_path):
     for k, v in pre.invariance.state_dict().items():
         torch.testing.assert_close(m.teacher_inv.state_dict()[k], v)
     assert (run / "table.md").is_file()
+
+
+def test_other_imagination_kind_is_refused(data):
+    """H' is defined on the cascade; `--set model.imagination.kind=ae` must not silently build it."""
+    with pytest.raises(ValueError, match="imagination.kind must be cra"):
+        build(tiny_cfg("if-mmin", **{"model.imagination.kind": "ae"}), data.spec)

@@ -197,7 +197,8 @@ class IFMMIN(Method):
             raise ValueError(f"if-mmin: H' ({len(MODALITIES)} x {self.invariance.out_dim}) must have the size of "
                              f"h ({d}) to be added to it; set model.invariance.layers to end in {d // len(MODALITIES)}")
         im = dict(m["imagination"])
-        im.pop("kind", None)
+        if im.pop("kind", "cra") != "cra":  # H' is defined on the cascade (IF-IM); no other kind takes it
+            raise ValueError(f"if-mmin: model.imagination.kind must be cra, got {m['imagination']['kind']!r}")
         self.imagine = InvariantAwareCRA(d, **im)
         self.classifier = FcClassifier(self.imagine.latent_dim, m["classifier"], spec.out_dim, m.get("dropout", 0.5))
 
