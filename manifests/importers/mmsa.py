@@ -98,8 +98,11 @@ def _items(data: dict, key: str, rows: list[tuple[str, int, str]], lengths_key: 
             m = np.asarray(d["text_bert"][i])[1] > 0
             if len(m) == len(x):
                 mask = m
+            else:  # kept without a mask, and said so in the store's note for this utterance
+                info["text_mask_dropped"] = f"text_bert has {len(m)} tokens, text {len(x)}"
         if lengths_key and lengths_key in d:
             x = x[: int(d[lengths_key][i])]
+            mask = None if mask is None else mask[: len(x)]
         yield uid, x, mask, info
 
 
