@@ -433,3 +433,14 @@ def test_from_stores_reads_feature_stores(tmp_path):
             assert np.array_equal(mem.seqs[m].seq(i), lazy.seqs[m].seq(i))
     assert np.array_equal(mem.seqs["a"].seq(4), stores["audio"]["u4"])
     assert mem.signature == lazy.signature and mem.labels == ["x", "y"]
+
+
+def test_frozen_teacher_stays_in_eval_mode_and_untrainable(data):
+    """Method.freeze: train() leaves the teacher in eval mode (its dropout off) and it has no
+    trainable parameter, while the student trains."""
+    m, _ = _mmin(data)
+    m.train()
+    assert m.encoders.training and not m.teacher.training
+    assert not any(p.requires_grad for p in m.teacher.parameters())
+    assert all(p.requires_grad for p in m.encoders.parameters())
+    assert not any(p is q for p in m.trainable_parameters() for q in m.teacher.parameters())

@@ -46,6 +46,20 @@ class Method(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.spec = spec
+        self._frozen: list[nn.Module] = []  # plain list: the modules stay registered where assigned
+
+    def freeze(self, module: nn.Module) -> nn.Module:
+        """``module`` made untrainable (a frozen teacher, a part kept at pretrained weights): no
+        gradients, and in eval mode (dropout off) whatever ``train()`` is called with."""
+        module.requires_grad_(False)
+        self._frozen.append(module)
+        return module
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for m in self._frozen:
+            m.eval()
+        return self
 
     # -- what a method implements ------------------------------------------------------------------
     def predict(self, batch: dict) -> torch.Tensor:

@@ -182,16 +182,15 @@ class IFMMIN(Method):
 
         self.encoders, self.invariance = encoders_pair()  # student, fine-tuned
         self.teacher, self.teacher_inv = encoders_pair()  # frozen copies of the pretrained ones
-        self.teacher.requires_grad_(False)
-        self.teacher_inv.requires_grad_(False)
+        self.freeze(self.teacher)
+        self.freeze(self.teacher_inv)
         self.register_buffer("teacher_ready", torch.tensor(False))
         frozen = list(m.get("freeze") or [])
         bad = [f for f in frozen if f not in self.FREEZABLE]
         if bad:
             raise ValueError(f"if-mmin: model.freeze may list {', '.join(self.FREEZABLE)}; got {bad}")
         for part in frozen:
-            getattr(self, part).requires_grad_(False)
-        self.frozen = frozen
+            self.freeze(getattr(self, part))
         d = self.encoders.out_dim
         if len(MODALITIES) * self.invariance.out_dim != d:
             raise ValueError(f"if-mmin: H' ({len(MODALITIES)} x {self.invariance.out_dim}) must have the size of "
@@ -201,14 +200,6 @@ class IFMMIN(Method):
             raise ValueError(f"if-mmin: model.imagination.kind must be cra, got {m['imagination']['kind']!r}")
         self.imagine = InvariantAwareCRA(d, **im)
         self.classifier = FcClassifier(self.imagine.latent_dim, m["classifier"], spec.out_dim, m.get("dropout", 0.5))
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        self.teacher.eval()  # the teacher never trains (TextCNN / invariance dropout stays off)
-        self.teacher_inv.eval()
-        for part in self.frozen:
-            getattr(self, part).eval()
-        return self
 
     def attach(self, prereqs):
         pre = prereqs.get("pretrained")

@@ -38,8 +38,7 @@ class MMIN(Method):
         self.w_forward = self.loss_weight("forward", 4.0)
         self.w_cycle = self.loss_weight("cycle", 2.0)
         self.encoders = ModalityEncoders(spec.dims, m["encoders"])  # student, fine-tuned
-        self.teacher = ModalityEncoders(spec.dims, m["encoders"])  # frozen copy of the pretrained encoders
-        self.teacher.requires_grad_(False)
+        self.teacher = self.freeze(ModalityEncoders(spec.dims, m["encoders"]))  # copy of the pretrained encoders
         self.register_buffer("teacher_ready", torch.tensor(False))
         d = self.encoders.out_dim
         self.imagine = make_imagination(d, m["imagination"])
@@ -48,11 +47,6 @@ class MMIN(Method):
         else:
             self.imagine_back = None
         self.classifier = FcClassifier(self.imagine.latent_dim, m["classifier"], spec.out_dim, m.get("dropout", 0.5))
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        self.teacher.eval()  # the teacher never trains (its TextCNN dropout stays off)
-        return self
 
     def attach(self, prereqs):
         base = prereqs.get("encoders")
