@@ -136,14 +136,16 @@ class CascadeResidualAE(nn.Module):
     h + sum of the previous blocks' outputs (Eq. 2). Encoders in -> layers (LeakyReLU between,
     none after the latent), decoders latent -> in (ReLU between, linear output). Output =
     transition(h + sum of all outputs), a Linear-ReLU-Linear head; latents are concatenated
-    (blocks x layers[-1]) into the joint representation."""
+    (blocks x layers[-1]) into the joint representation. ``transition=False`` returns
+    h + sum of all outputs itself (EMMR's D_MMIN, Eq. 6)."""
 
-    def __init__(self, in_dim: int, layers=(256, 128, 64), blocks: int = 5):
+    def __init__(self, in_dim: int, layers=(256, 128, 64), blocks: int = 5, transition: bool = True):
         super().__init__()
         layers = [int(v) for v in layers]
         self.encoders = nn.ModuleList(_mlp([in_dim, *layers], nn.LeakyReLU) for _ in range(blocks))
         self.decoders = nn.ModuleList(_mlp([*layers[::-1], in_dim], nn.ReLU) for _ in range(blocks))
-        self.transition = nn.Sequential(nn.Linear(in_dim, in_dim), nn.ReLU(), nn.Linear(in_dim, in_dim))
+        self.transition = (nn.Sequential(nn.Linear(in_dim, in_dim), nn.ReLU(), nn.Linear(in_dim, in_dim))
+                           if transition else nn.Identity())
         self.latent_dim = layers[-1] * blocks
 
     def forward(self, h: torch.Tensor):

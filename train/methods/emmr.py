@@ -1,0 +1,254 @@
+"""EMMR — Ensemble-based Missing Modality Reconstruction (Zeng, Zhou, Liu; EMNLP 2022).
+
+The paper's design (SPEC.md §3), not the released TensorFlow code's: by our reading that code
+never runs its recovery or ensemble (a graph-mode ``tensor == 0`` test is object identity, always
+False, so it is in effect the paper's "TF" row), and it picks checkpoints on the *test* set.
+imer selects on the validation split only, like every method here.
+
+Two registered methods, each with its config:
+
+``emmr-teacher`` (§3.4, Eq. 3): the encoder — per modality a dense layer to d = 300 and 4-head
+self-attention (Eq. 1) — then the modalities' outputs concatenated along time,
+E_pre = [E_v; E_a; E_t], and a classifier, trained with CE on complete data.
+
+``emmr`` (``requires: {teacher: emmr-teacher}``): a student encoder of the same shape reads the
+masked sample, X = [E_v; E_a; E_t]. Three encoder-decoders run on X (§3.5): the Transformer
+(E_TF = FFN(MHA(X)), D_TF = FFN(MHA(E_TF)); F = E_TF is the backbone's encoder output), the
+300-256-128-64 autoencoder and MMIN's 5-block cascade residual AE (the framework's
+``CascadeResidualAE``, D = X + sum of block outputs). For each decoder, the recovered input
+I = X with the missing modality's slice replaced by the decoder's (§3.6). Per sample, the
+key-missing check compares L_vat = Judge(I_TF) with L_avail = Judge(the available slices): when
+their argmaxes differ, every pair's logits L_k = Judge(I_m, I_n) are weighted by
+alpha = softmax_k(max softmax(L_k)) into E_key = [alpha_va L_va; alpha_vt L_vt; alpha_at L_at]
+(Eqs. 10-11) for each decoder, and the three E_key are fused by attention (Eq. 12) into r;
+otherwise R = F (Eq. 13). Loss (Eqs. 14-16), the ½ factors included:
+
+    L = CE + forward * ½(KL(F || E_pre) + KL(E_pre || F)) + backward * ½(KL(X' || X~) + KL(X~ || X'))
+
+where E_pre is the frozen teacher's encoding of the *full* sample, X' each decoder's output
+(averaged over the decoders) and KL is taken between per-frame softmaxes over the feature dim.
+
+Choices where the paper is silent or its equations do not fit together (also in the config):
+- Utterance vectors (for the classifiers and Judge) are a mean over modalities of each
+  modality's mean over its frames ("balanced pooling"), so 150 audio frames do not outweigh 25
+  text tokens. Missing modalities' positions count as frames of their reconstruction.
+- One Judge (attention + FC) computes L_vat, L_avail and every pair, so their predictions are on
+  one scale; it reads only the selected modalities' slots (key padding). With two modalities
+  missing (the fixed conditions a, v, t) the check compares with the one available modality.
+- Eq. 17 feeds "R" to one FC, but r (3C) and F (d) differ in size: R = F goes through the
+  classifier d -> C, r through a linear layer 3C -> C.
+- The reconstruction target X~ (Eq. 16's "processed input"): the masked X itself would teach the
+  decoders to reproduce the encoding of a zero sequence where a modality is missing, which makes
+  recovery pointless; imer's target is X on the available slices and the student encoder's
+  encoding of the real modality on the missing ones (computed without gradient; a stop-gradient
+  target as in MMIN's cycle loss). ``loss.backward_target: masked`` gives the literal reading.
+- The student encoder starts from random weights (the paper does not say it is initialised from
+  the teacher); ``model.student_init: teacher`` copies the teacher's weights into it.
+- The authors' IEMOCAP code used T 50 text tokens; the paper's table says 25 (used here).
+Ablations (Table 3): ``model.ensemble: false`` (TF: R = F always), ``model.reconstructors``
+([tf, ae] / [tf, cra]), ``model.fusion: max | average``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from train.conditions import MODALITIES
+from train.methods import Method, register
+from train.methods.emmr_nets import (AVT, ORDER, PAIRS, Fusion, FrameAE, Judge, Layout, ModalityEncoder,
+                                     TransformerED, balanced_pool, cat_frames, key_representation,
+                                     modality_valid, sym_kl)
+from train.nets import CascadeResidualAE, FcClassifier
+
+RECONSTRUCTORS = ("tf", "ae", "cra")
+
+
+def _encoder(spec, mcfg) -> ModalityEncoder:
+    e = mcfg.get("encoder", {})
+    return ModalityEncoder(spec.dims, int(e.get("dim", 300)), int(e.get("heads", 4)), float(e.get("dropout", 0.2)))
+
+
+def _check_task(name, spec):
+    if spec.task != "classification":
+        raise ValueError(f"{name} classifies (its key-missing check compares predicted classes); this data is "
+                         "a regression task: set data.target, e.g. {kind: sign, classes: 3} for CMU-MOSI")
+
+
+def _valid(batch, natural: bool = False) -> dict:
+    """Per-modality valid frames: of the masked sample, or (``natural``) of the complete one."""
+    if natural:
+        return {m: batch["frame_mask"][m] & batch["natural"][:, MODALITIES.index(m)][:, None] for m in ORDER}
+    return {m: modality_valid(batch, m) for m in ORDER}
+
+
+@register
+class EMMRTeacher(Method):
+    """The pre-trained network of §3.4: encoder + classifier on complete data (Eq. 3)."""
+
+    name = "emmr-teacher"
+    exports = ("encoder",)
+
+    def __init__(self, cfg, spec):
+        super().__init__(cfg, spec)
+        _check_task(self.name, spec)
+        m = cfg["model"]
+        self.encoder = _encoder(spec, m)
+        self.dropout = nn.Dropout(float(m.get("dropout", 0.3)))
+        self.classifier = FcClassifier(self.encoder.dim, m.get("classifier", []), spec.out_dim, float(m.get("dropout", 0.3)))
+
+    def predict(self, batch):
+        valid = _valid(batch)
+        e = cat_frames(self.encoder(batch["x"], valid))
+        layout = Layout({m: batch["x"][m].shape[1] for m in ORDER})
+        return self.classifier(self.dropout(balanced_pool(e, cat_frames(valid), layout)))
+
+    def loss(self, batch):
+        ce = self.task_loss(self.predict(batch), batch["y"])
+        return ce, {"ce": ce}
+
+
+@register
+class EMMR(Method):
+    name = "emmr"
+
+    def __init__(self, cfg, spec):
+        super().__init__(cfg, spec)
+        _check_task(self.name, spec)
+        m = cfg["model"]
+        self.w_forward = self.loss_weight("forward", 0.1)
+        self.w_backward = self.loss_weight("backward", 0.1)
+        self.backward_target = cfg.get("loss", {}).get("backward_target", "full")
+        if self.backward_target not in ("full", "masked"):
+            raise ValueError(f"emmr: loss.backward_target must be full or masked, got {self.backward_target!r}")
+        self.student_init = m.get("student_init", "random")
+        if self.student_init not in ("random", "teacher"):
+            raise ValueError(f"emmr: model.student_init must be random or teacher, got {self.student_init!r}")
+        self.recon = list(m.get("reconstructors", RECONSTRUCTORS))
+        if self.recon[:1] != ["tf"] or set(self.recon) - set(RECONSTRUCTORS) or len(set(self.recon)) != len(self.recon):
+            raise ValueError(f"emmr: model.reconstructors must start with tf (the backbone) and name each of "
+                             f"{', '.join(RECONSTRUCTORS)} at most once; got {self.recon}")
+        self.ensemble = bool(m.get("ensemble", True))
+
+        self.encoder = _encoder(spec, m)  # the student
+        self.teacher = self.freeze(_encoder(spec, m))  # filled from the emmr-teacher prerequisite
+        self.register_buffer("teacher_ready", torch.tensor(False))
+        d, heads = self.encoder.dim, int(m.get("encoder", {}).get("heads", 4))
+        attn_drop = float(m.get("encoder", {}).get("dropout", 0.2))
+        drop = float(m.get("dropout", 0.3))
+        t = m.get("tf", {})
+        self.tf = TransformerED(d, heads, int(t.get("ffn", d)), float(t.get("dropout", drop)), attn_drop)
+        self.ae = FrameAE(d, m.get("ae", {}).get("layers", (256, 128, 64))) if "ae" in self.recon else None
+        c = m.get("cra", {})
+        self.cra = (CascadeResidualAE(d, c.get("layers", (256, 128, 64)), int(c.get("blocks", 5)), transition=False)
+                    if "cra" in self.recon else None)
+        self.dropout = nn.Dropout(drop)
+        self.classifier = FcClassifier(d, m.get("classifier", []), spec.out_dim, drop)  # R = F
+        if self.ensemble:
+            n_key = 3 * spec.out_dim
+            self.judge = Judge(d, heads, spec.out_dim, attn_drop)
+            self.fusion = Fusion(n_key, m.get("fusion", "attention"))
+            self.key_classifier = nn.Linear(n_key, spec.out_dim)  # R = r
+
+    def attach(self, prereqs):
+        pre = prereqs.get("teacher")
+        if pre is None or not isinstance(getattr(pre, "encoder", None), ModalityEncoder):
+            raise ValueError("emmr needs its trained complete-data network: config 'requires: {teacher: emmr-teacher}'")
+        state = pre.encoder.state_dict()
+        self.teacher.load_state_dict(state)
+        if self.student_init == "teacher":
+            self.encoder.load_state_dict(state)
+        self.teacher_ready.fill_(True)
+
+    # -- the forward pass ---------------------------------------------------------------------------
+    def decoders(self, x, f, slots) -> dict:
+        out = {"tf": self.tf.decode(f, slots)}
+        if self.ae is not None:
+            out["ae"] = self.ae(x)
+        if self.cra is not None:
+            out["cra"] = self.cra(x)[0]
+        return out
+
+    def forward_parts(self, batch) -> dict:
+        layout = Layout({m: batch["x"][m].shape[1] for m in ORDER})
+        present = batch["present"][:, AVT]  # (B, 3) in (v, a, t) order
+        valid = cat_frames(_valid(batch))
+        x = cat_frames(self.encoder(batch["x"], _valid(batch)))
+        missing = layout.expand(~present)  # every position of a missing modality
+        slots = valid | missing
+        f = self.tf.encode(x, valid)
+        dec = self.decoders(x, f, slots)
+        recovered = {j: torch.where(missing[..., None], d, x) for j, d in dec.items()}
+        out_f = self.classifier(self.dropout(balanced_pool(f, slots, layout)))
+        p = {"layout": layout, "present": present, "valid": valid, "slots": slots, "missing": missing,
+             "x": x, "f": f, "dec": dec, "recovered": recovered, "out_f": out_f, "out": out_f}
+        if self.ensemble:
+            p.update(self.key_missing(p))
+        return p
+
+    def key_missing(self, p) -> dict:
+        """Eqs. 8-13 on the samples that need them, vectorised: the check on every sample missing
+        one or two modalities, the ensemble on those where it fires."""
+        present, slots, layout = p["present"], p["slots"], p["layout"]
+        B, C = present.shape[0], p["out_f"].shape[1]
+        n_avail = present.sum(1)
+        check = ((n_avail >= 1) & (n_avail < 3)).nonzero().squeeze(1)
+        l_full = p["out_f"].new_zeros(B, C)
+        l_avail = p["out_f"].new_zeros(B, C)
+        fire = torch.zeros(B, dtype=torch.bool, device=present.device)
+        if len(check):
+            seq, sl = p["recovered"]["tf"][check], slots[check]
+            everything = torch.ones_like(present[check])
+            logits = self.judge(torch.cat([seq, seq]), torch.cat([sl, sl]),
+                                torch.cat([everything, present[check]]), layout)
+            lf, la = logits.split(len(check))
+            l_full = l_full.index_copy(0, check, lf.to(l_full.dtype))
+            l_avail = l_avail.index_copy(0, check, la.to(l_avail.dtype))
+            fire[check] = lf.argmax(-1) != la.argmax(-1)
+        out = {"check": check, "l_full": l_full, "l_avail": l_avail, "fire": fire}
+        idx = fire.nonzero().squeeze(1)
+        if len(idx):
+            n, J = len(idx), len(self.recon)
+            sel = torch.zeros(3, 3, dtype=torch.bool, device=present.device)
+            for k, (i, j) in enumerate(PAIRS):
+                sel[k, i] = sel[k, j] = True
+            seqs = torch.cat([p["recovered"][r][idx] for r in self.recon for _ in PAIRS])  # (J*3*n, T, d)
+            select = sel.repeat_interleave(n, 0).repeat(J, 1)
+            logits = self.judge(seqs, slots[idx].repeat(3 * J, 1), select, layout)
+            pair_logits = logits.view(J, 3, n, C).permute(2, 0, 1, 3)  # (n, J, 3, C)
+            e_key = key_representation(pair_logits)  # (n, J, 3C)
+            r = self.fusion(e_key)
+            out_key = self.key_classifier(r)
+            out.update(idx=idx, pair_logits=pair_logits, e_key=e_key, r=r,
+                       out=p["out_f"].index_copy(0, idx, out_key.to(p["out_f"].dtype)))
+        return out
+
+    def predict(self, batch):
+        return self.forward_parts(batch)["out"]
+
+    # -- training -----------------------------------------------------------------------------------
+    def teacher_encoding(self, batch) -> torch.Tensor:
+        """E_pre: the frozen teacher's encoding of the complete sample."""
+        with torch.no_grad():
+            return cat_frames(self.teacher(batch["x_full"], _valid(batch, natural=True)))
+
+    def backward_targets(self, batch, p) -> torch.Tensor:
+        x = p["x"].detach()
+        if self.backward_target == "masked":
+            return x
+        with torch.no_grad():
+            full = cat_frames(self.encoder(batch["x_full"], _valid(batch, natural=True)))
+        return torch.where(p["missing"][..., None], full, x)
+
+    def loss(self, batch):
+        if not bool(self.teacher_ready):
+            raise RuntimeError("emmr: the teacher was never loaded (attach a trained emmr-teacher first)")
+        p = self.forward_parts(batch)
+        frames = cat_frames(_valid(batch, natural=True))  # frames the complete sample has
+        parts = {"ce": self.task_loss(p["out"], batch["y"]),
+                 "forward": self.w_forward * sym_kl(p["f"], self.teacher_encoding(batch), frames)}
+        if self.w_backward:
+            target = self.backward_targets(batch, p)
+            parts["backward"] = self.w_backward * torch.stack(
+                [sym_kl(d, target, frames) for d in p["dec"].values()]).mean()
+        return sum(parts.values()), parts
