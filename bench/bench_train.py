@@ -12,8 +12,12 @@ Two data sets:
 An epoch = training on the train split (each method's missing-condition sampling) + evaluating the
 validation split under the method's selection conditions (1 for baseline, 6 for the others).
 
+EMMR reads other features (librosa 33, OpenFace 709, BERT-base 768) at fixed lengths (A 150,
+V 100, T 25): its IEMOCAP-sized set has those shapes, and on the demo it reads its own features.
+
     .venv/bin/python bench/bench_train.py [--batches 3] [--device auto] [--threads N] [--skip-demo]
-Writes bench/results/train.json.
+                                          [--methods baseline,emmr]
+Writes bench/results/train.json (a run with --methods keeps the other methods' earlier figures).
 """
 
 from __future__ import annotations
@@ -30,9 +34,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import write_result  # noqa: E402
 
-METHODS = ["baseline", "baseline-aug", "mmin"]
+METHODS = ["baseline", "baseline-aug", "mmin", "emmr"]
 IEMOCAP = {"n": 5531, "dims": {"a": 130, "v": 342, "t": 1024},
            "lengths": {"a": (400, 600), "v": (40, 60), "t": (15, 35)}, "train_share": 0.8, "val_share": 0.1}
+# the shapes of EMMR's features on IEMOCAP (SPEC.md §2); the config's fixed lengths cut them to 150 / 100 / 25
+FEATURE_DIMS = {"emmr": {"a": 33, "v": 709, "t": 768}}
 
 
 def build(name: str, dataset: str, data, device: str):
@@ -131,7 +137,17 @@ def _epochs(cfg) -> int:
     return total_epochs(cfg["train"])
 
 
-def iemocap_synthetic(batches: int, device: str) -> dict:
+def _with_lengths(data, name: str, dataset: str):
+    """``data`` cut / padded as the method's config asks (data.max_len, data.fixed_len)."""
+    from train.config import load_config
+
+    d = load_config(name, dataset).get("data", {})
+    data.max_len = {m: int(v) for m, v in (d.get("max_len") or {}).items() if v}
+    data.fixed_len = bool(d.get("fixed_len"))
+    return data
+
+
+def iemocap_synthetic(batches: int, device: str, methods) -> dict:
     import numpy as np
 
     from train.synthetic import synthetic_data
@@ -140,35 +156,42 @@ def iemocap_synthetic(batches: int, device: str) -> dict:
     n_val = int(IEMOCAP["n"] * IEMOCAP["val_share"])
     # only the utterances the timed batches read are generated (1 warm-up + ``batches`` of 128)
     n_gen = 128 * (batches + 1) + 256 * batches
-    data = synthetic_data(n=n_gen, dims=IEMOCAP["dims"], lengths=IEMOCAP["lengths"], seed=0)
     tr, va = np.arange(128 * (batches + 1)), np.arange(128 * (batches + 1), n_gen)
     out = {"extrapolated": True, "timed_batches": batches,
            "note": f"{batches} training and {batches} validation batches timed after one warm-up batch; "
                    f"epoch_s = {n_train} train utterances / train samples/s + {n_val} val utterances x "
                    "selection conditions / val samples/s",
            "shape": {"utterances": IEMOCAP["n"], "dims": IEMOCAP["dims"], "frames": IEMOCAP["lengths"]}}
-    for name in METHODS:
+    for name in methods:
+        dims = FEATURE_DIMS.get(name, IEMOCAP["dims"])
+        data = _with_lengths(synthetic_data(n=n_gen, dims=dims, lengths=IEMOCAP["lengths"], seed=0), name, "iemocap")
         out[name] = figures(name, "iemocap", data, tr, va, device, batches, n_train, n_val)
+        out[name]["dims"] = dims
         print(f"  iemocap-synthetic {name}: {out[name]['epoch_s']} s/epoch, "
               f"{out[name]['train_samples_per_s']} train samples/s", flush=True)
     return out
 
 
-def demo(device: str) -> dict:
+def demo(device: str, methods) -> dict:
     from manifests.datasets import load_folds, load_manifest
     from train.config import load_config
     from train.run import build_data, ensure_stores
 
-    cfg = load_config("mmin", "demo")
     man = load_manifest("demo")
     _, folds = load_folds("demo")
-    data = build_data(man, ensure_stores("demo", cfg, device), cfg)
     fold = folds[0]
-    tr, va = data.indices(fold.train), data.indices(fold.val)
-    out = {"extrapolated": False, "fold": fold.name, "utterances": len(data), "dims": data.spec.dims,
+    out = {"extrapolated": False, "fold": fold.name, "utterances": len(man),
            "note": "one full epoch timed (after one warm-up batch) on fold 1 of the demo corpus"}
-    for name in METHODS:
+    built = {}  # one data module per (features, data) section: EMMR reads other features than MMIN
+    for name in methods:
+        cfg = load_config(name, "demo")
+        key = repr((cfg["features"], cfg.get("data")))
+        if key not in built:
+            built[key] = build_data(man, ensure_stores("demo", cfg, device), cfg)
+        data = built[key]
+        tr, va = data.indices(fold.train), data.indices(fold.val)
         out[name] = figures(name, "demo", data, tr, va, device, None, len(tr), len(va))
+        out[name]["dims"] = data.spec.dims
         print(f"  demo {name}: {out[name]['epoch_s']} s/epoch, {out[name]['train_samples_per_s']} train samples/s",
               flush=True)
     return out
@@ -188,7 +211,9 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 1, as imer train)")
     ap.add_argument("--skip-demo", action="store_true", help="only the synthetic IEMOCAP-sized set")
+    ap.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated (default {','.join(METHODS)})")
     args, _ = ap.parse_known_args()
+    methods = [m for m in args.methods.split(",") if m]
 
     import torch
 
@@ -201,12 +226,33 @@ def main() -> None:
         res = {"device": device, "torch_threads": torch.get_num_threads(), "amp": device.startswith("cuda"),
                "cpu_count": os.cpu_count(), "load_avg_1min": round(os.getloadavg()[0], 2)}
         t = time.perf_counter()
-        res["iemocap-synthetic"] = {**iemocap_synthetic(args.batches, device), **_context(device)}
+        res["iemocap-synthetic"] = {**iemocap_synthetic(args.batches, device, methods), **_context(device)}
         if not args.skip_demo:
-            res["demo"] = {**demo(device), **_context(device)}
+            res["demo"] = {**demo(device, methods), **_context(device)}
         res["bench_s"] = round(time.perf_counter() - t, 1)
         res["load_avg_1min_end"] = round(os.getloadavg()[0], 2)
-    write_result("train", res)
+    write_result("train", _keep_other_methods(res))
+
+
+def _keep_other_methods(res: dict) -> dict:
+    """Each section merged into the earlier bench/results/train.json's, so a run of some methods
+    keeps the others' figures; each method's figures carry the context they were measured in."""
+    import json
+
+    from common import RESULTS
+
+    path = RESULTS / "train.json"
+    old = json.loads(path.read_text()) if path.is_file() else {}
+    for section in ("iemocap-synthetic", "demo"):
+        if section not in res:
+            continue
+        ctx = {k: v for k, v in res[section].items() if not isinstance(v, dict) or k in ("shape", "dims")}
+        for name, v in res[section].items():
+            if isinstance(v, dict) and "epoch_s" in v:
+                v["context"] = {k: ctx[k] for k in ("device", "torch_threads", "load_avg_1min_after", "time") if k in ctx}
+        if isinstance(old.get(section), dict):
+            res[section] = {**old[section], **res[section]}
+    return res
 
 
 if __name__ == "__main__":

@@ -12,10 +12,10 @@ self-attention (Eq. 1) — then the modalities' outputs concatenated along time,
 E_pre = [E_v; E_a; E_t], and a classifier, trained with CE on complete data.
 
 ``emmr`` (``requires: {teacher: emmr-teacher}``): a student encoder of the same shape reads the
-masked sample, X = [E_v; E_a; E_t]. Three encoder-decoders run on X (§3.5): the Transformer
+masked sample, X = [E_v; E_a; E_t]. Three encoder-decoders (§3.5): the Transformer on X
 (E_TF = FFN(MHA(X)), D_TF = FFN(MHA(E_TF)); F = E_TF is the backbone's encoder output), the
 300-256-128-64 autoencoder and MMIN's 5-block cascade residual AE (the framework's
-``CascadeResidualAE``, D = X + sum of block outputs). For each decoder, the recovered input
+``CascadeResidualAE``, D = input + sum of block outputs). For each decoder, the recovered input
 I = X with the missing modality's slice replaced by the decoder's (§3.6). Per sample, the
 key-missing check compares L_vat = Judge(I_TF) with L_avail = Judge(the available slices): when
 their argmaxes differ, every pair's logits L_k = Judge(I_m, I_n) are weighted by
@@ -37,6 +37,13 @@ Choices where the paper is silent or its equations do not fit together (also in 
   missing (the fixed conditions a, v, t) the check compares with the one available modality.
 - Eq. 17 feeds "R" to one FC, but r (3C) and F (d) differ in size: R = F goes through the
   classifier d -> C, r through a linear layer 3C -> C.
+- The AE and the CRA are per-frame maps (Eqs. 5-6). On X they could only output one constant
+  for a missing modality (its positions hold the encoding of a zero sequence, the same for every
+  sample), so they read the backbone's recovered input I_TF and each re-estimates the missing
+  slice from it (``model.ensemble_input: x`` gives the literal reading). They run on the samples
+  that miss a modality, the only ones they serve, and their reconstruction loss is taken there.
+- The Transformer's and the Judge's attention have no dropout (``model.tf.attention_dropout``);
+  the 0.2 of SPEC.md §3 is Eq. 1's (``model.encoder.dropout``), 0.3 the FFNs' and classifiers'.
 - The reconstruction target X~ (Eq. 16's "processed input"): the masked X itself would teach the
   decoders to reproduce the encoding of a zero sequence where a modality is missing, which makes
   recovery pointless; imer's target is X on the available slices and the student encoder's
@@ -118,9 +125,12 @@ class EMMR(Method):
         m = cfg["model"]
         self.w_forward = self.loss_weight("forward", 0.1)
         self.w_backward = self.loss_weight("backward", 0.1)
-        self.backward_target = cfg.get("loss", {}).get("backward_target", "full")
-        if self.backward_target not in ("full", "masked"):
-            raise ValueError(f"emmr: loss.backward_target must be full or masked, got {self.backward_target!r}")
+        self.backward_kind = cfg.get("loss", {}).get("backward_target", "full")
+        if self.backward_kind not in ("full", "masked"):
+            raise ValueError(f"emmr: loss.backward_target must be full or masked, got {self.backward_kind!r}")
+        self.ensemble_input = m.get("ensemble_input", "recovered")
+        if self.ensemble_input not in ("recovered", "x"):
+            raise ValueError(f"emmr: model.ensemble_input must be recovered or x, got {self.ensemble_input!r}")
         self.student_init = m.get("student_init", "random")
         if self.student_init not in ("random", "teacher"):
             raise ValueError(f"emmr: model.student_init must be random or teacher, got {self.student_init!r}")
@@ -134,9 +144,9 @@ class EMMR(Method):
         self.teacher = self.freeze(_encoder(spec, m))  # filled from the emmr-teacher prerequisite
         self.register_buffer("teacher_ready", torch.tensor(False))
         d, heads = self.encoder.dim, int(m.get("encoder", {}).get("heads", 4))
-        attn_drop = float(m.get("encoder", {}).get("dropout", 0.2))
         drop = float(m.get("dropout", 0.3))
         t = m.get("tf", {})
+        attn_drop = float(t.get("attention_dropout", 0.0))  # for the TF and the Judge; Eq. 1's is model.encoder.dropout
         self.tf = TransformerED(d, heads, int(t.get("ffn", d)), float(t.get("dropout", drop)), attn_drop)
         self.ae = FrameAE(d, m.get("ae", {}).get("layers", (256, 128, 64))) if "ae" in self.recon else None
         c = m.get("cra", {})
@@ -161,14 +171,6 @@ class EMMR(Method):
         self.teacher_ready.fill_(True)
 
     # -- the forward pass ---------------------------------------------------------------------------
-    def decoders(self, x, f, slots) -> dict:
-        out = {"tf": self.tf.decode(f, slots)}
-        if self.ae is not None:
-            out["ae"] = self.ae(x)
-        if self.cra is not None:
-            out["cra"] = self.cra(x)[0]
-        return out
-
     def forward_parts(self, batch) -> dict:
         layout = Layout({m: batch["x"][m].shape[1] for m in ORDER})
         present = batch["present"][:, AVT]  # (B, 3) in (v, a, t) order
@@ -177,50 +179,61 @@ class EMMR(Method):
         missing = layout.expand(~present)  # every position of a missing modality
         slots = valid | missing
         f = self.tf.encode(x, valid)
-        dec = self.decoders(x, f, slots)
-        recovered = {j: torch.where(missing[..., None], d, x) for j, d in dec.items()}
+        d_tf = self.tf.decode(f, slots)
         out_f = self.classifier(self.dropout(balanced_pool(f, slots, layout)))
         p = {"layout": layout, "present": present, "valid": valid, "slots": slots, "missing": missing,
-             "x": x, "f": f, "dec": dec, "recovered": recovered, "out_f": out_f, "out": out_f}
+             "x": x, "f": f, "dec": {"tf": d_tf}, "recovered": {"tf": torch.where(missing[..., None], d_tf, x)},
+             "out_f": out_f, "out": out_f}
         if self.ensemble:
             p.update(self.key_missing(p))
         return p
 
     def key_missing(self, p) -> dict:
-        """Eqs. 8-13 on the samples that need them, vectorised: the check on every sample missing
-        one or two modalities, the ensemble on those where it fires."""
-        present, slots, layout = p["present"], p["slots"], p["layout"]
+        """Eqs. 8-13, vectorised over the samples that need them: the AE / CRA recoveries and the
+        check on every sample that misses one or two modalities, the ensemble where it fires."""
+        present, slots, layout, x = p["present"], p["slots"], p["layout"], p["x"]
         B, C = present.shape[0], p["out_f"].shape[1]
         n_avail = present.sum(1)
         check = ((n_avail >= 1) & (n_avail < 3)).nonzero().squeeze(1)
-        l_full = p["out_f"].new_zeros(B, C)
-        l_avail = p["out_f"].new_zeros(B, C)
-        fire = torch.zeros(B, dtype=torch.bool, device=present.device)
-        if len(check):
-            seq, sl = p["recovered"]["tf"][check], slots[check]
-            everything = torch.ones_like(present[check])
-            logits = self.judge(torch.cat([seq, seq]), torch.cat([sl, sl]),
-                                torch.cat([everything, present[check]]), layout)
-            lf, la = logits.split(len(check))
-            l_full = l_full.index_copy(0, check, lf.to(l_full.dtype))
-            l_avail = l_avail.index_copy(0, check, la.to(l_avail.dtype))
-            fire[check] = lf.argmax(-1) != la.argmax(-1)
-        out = {"check": check, "l_full": l_full, "l_avail": l_avail, "fire": fire}
-        idx = fire.nonzero().squeeze(1)
-        if len(idx):
-            n, J = len(idx), len(self.recon)
-            sel = torch.zeros(3, 3, dtype=torch.bool, device=present.device)
-            for k, (i, j) in enumerate(PAIRS):
-                sel[k, i] = sel[k, j] = True
-            seqs = torch.cat([p["recovered"][r][idx] for r in self.recon for _ in PAIRS])  # (J*3*n, T, d)
-            select = sel.repeat_interleave(n, 0).repeat(J, 1)
-            logits = self.judge(seqs, slots[idx].repeat(3 * J, 1), select, layout)
-            pair_logits = logits.view(J, 3, n, C).permute(2, 0, 1, 3)  # (n, J, 3, C)
-            e_key = key_representation(pair_logits)  # (n, J, 3C)
-            r = self.fusion(e_key)
-            out_key = self.key_classifier(r)
-            out.update(idx=idx, pair_logits=pair_logits, e_key=e_key, r=r,
-                       out=p["out_f"].index_copy(0, idx, out_key.to(p["out_f"].dtype)))
+        out = {"check": check, "fire": torch.zeros(B, dtype=torch.bool, device=present.device),
+               "l_full": p["out_f"].new_zeros(B, C), "l_avail": p["out_f"].new_zeros(B, C)}
+        if not len(check):
+            return out
+        miss, sl = p["missing"][check], slots[check]
+        # the other reconstructors read the backbone's recovery (module docstring)
+        src = p["recovered"]["tf"][check] if self.ensemble_input == "recovered" else x[check]
+        dec = {"tf": p["dec"]["tf"][check]}
+        if self.ae is not None:
+            dec["ae"] = self.ae(src)
+        if self.cra is not None:
+            dec["cra"] = self.cra(src)[0]
+        rec = {j: torch.where(miss[..., None], d, x[check]) for j, d in dec.items()}
+        out.update(check_dec=dec, check_recovered=rec)
+
+        qkv = {j: self.judge.project(r) for j, r in rec.items()}
+        n = len(check)
+        rows = torch.arange(n, device=x.device)
+        logits = self.judge(qkv["tf"], torch.cat([rows, rows]), torch.cat([sl, sl]),
+                            torch.cat([torch.ones_like(present[check]), present[check]]), layout)
+        lf, la = logits.split(n)
+        out["l_full"] = out["l_full"].index_copy(0, check, lf.to(out["l_full"].dtype))
+        out["l_avail"] = out["l_avail"].index_copy(0, check, la.to(out["l_avail"].dtype))
+        fired = lf.argmax(-1) != la.argmax(-1)
+        out["fire"][check] = fired
+        k = fired.nonzero().squeeze(1)  # positions within ``check``
+        if not len(k):
+            return out
+        sel = torch.zeros(3, 3, dtype=torch.bool, device=x.device)
+        for i, (u, w) in enumerate(PAIRS):
+            sel[i, u] = sel[i, w] = True
+        pair_rows, pair_slots, pair_sel = k.repeat(3), sl[k].repeat(3, 1), sel.repeat_interleave(len(k), 0)
+        pair_logits = torch.stack([self.judge(qkv[j], pair_rows, pair_slots, pair_sel, layout).view(3, len(k), C)
+                                   for j in self.recon], 0).permute(2, 0, 1, 3)  # (fired, J, 3 pairs, C)
+        e_key = key_representation(pair_logits)  # (fired, J, 3C)
+        r = self.fusion(e_key)
+        idx = check[k]
+        out.update(idx=idx, pair_logits=pair_logits, e_key=e_key, r=r,
+                   out=p["out_f"].index_copy(0, idx, self.key_classifier(r).to(p["out_f"].dtype)))
         return out
 
     def predict(self, batch):
@@ -232,13 +245,18 @@ class EMMR(Method):
         with torch.no_grad():
             return cat_frames(self.teacher(batch["x_full"], _valid(batch, natural=True)))
 
-    def backward_targets(self, batch, p) -> torch.Tensor:
-        x = p["x"].detach()
-        if self.backward_target == "masked":
+    def backward_target(self, batch, p, rows=None) -> torch.Tensor:
+        """X~ of Eq. 16 for ``rows`` (all by default): X on the available slices, the student's
+        encoding of the real modality on the missing ones (``backward_target: masked``: X)."""
+        x, missing = p["x"].detach(), p["missing"]
+        if rows is not None:
+            x, missing = x[rows], missing[rows]
+        if self.backward_kind == "masked":
             return x
+        sub = batch if rows is None else _rows(batch, rows)
         with torch.no_grad():
-            full = cat_frames(self.encoder(batch["x_full"], _valid(batch, natural=True)))
-        return torch.where(p["missing"][..., None], full, x)
+            full = cat_frames(self.encoder(sub["x_full"], _valid(sub, natural=True)))
+        return torch.where(missing[..., None], full, x)
 
     def loss(self, batch):
         if not bool(self.teacher_ready):
@@ -248,7 +266,18 @@ class EMMR(Method):
         parts = {"ce": self.task_loss(p["out"], batch["y"]),
                  "forward": self.w_forward * sym_kl(p["f"], self.teacher_encoding(batch), frames)}
         if self.w_backward:
-            target = self.backward_targets(batch, p)
-            parts["backward"] = self.w_backward * torch.stack(
-                [sym_kl(d, target, frames) for d in p["dec"].values()]).mean()
+            terms = [sym_kl(p["dec"]["tf"], self.backward_target(batch, p), frames)]
+            extra = {j: d for j, d in p.get("check_dec", {}).items() if j != "tf"}
+            if extra:  # AE / CRA ran on the samples that miss a modality
+                rows = p["check"]
+                target = self.backward_target(batch, p, rows)
+                terms += [sym_kl(d, target, frames[rows]) for d in extra.values()]
+            parts["backward"] = self.w_backward * torch.stack(terms).mean()
         return sum(parts.values()), parts
+
+
+def _rows(batch: dict, rows: torch.Tensor) -> dict:
+    """The rows of a batch's tensors that the encoders read."""
+    return {"x_full": {m: v[rows] for m, v in batch["x_full"].items()},
+            "frame_mask": {m: v[rows] for m, v in batch["frame_mask"].items()},
+            "natural": batch["natural"][rows]}

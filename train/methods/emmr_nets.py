@@ -143,18 +143,36 @@ class FrameAE(nn.Module):
 class Judge(nn.Module):
     """L_S = FC(MHA([I_m || ...])) for a subset S of the recovered modalities (Eqs. 8-9): one
     attention + classifier shared by the full triple and every pair, so that their predictions
-    are comparable. The subset is a per-sample (B, 3) selection; attention and pooling read
-    only the selected modalities' slots."""
+    are on one scale. A subset is a per-row (n, 3) selection; attention and pooling read only the
+    selected modalities' slots. ``project`` computes queries, keys and values once per sequence
+    and ``forward`` runs any number of subsets on them (the check and the three pairs of one
+    sample share one projection); the output projection comes after the pooling, which is the
+    same map because the pooling weights sum to 1."""
 
     def __init__(self, d: int, heads: int, n_out: int, dropout: float):
         super().__init__()
-        self.mha = nn.MultiheadAttention(d, heads, dropout=dropout, batch_first=True)
+        if d % heads:
+            raise ValueError(f"emmr: the model dim {d} is not divisible by {heads} heads")
+        self.heads, self.dropout = heads, dropout
+        self.qkv = nn.Linear(d, 3 * d)
+        self.out = nn.Linear(d, d)
         self.fc = nn.Linear(d, n_out)
 
-    def forward(self, seq, slots, select, layout: Layout):
+    def project(self, seq):
+        n, T, d = seq.shape
+        q, k, v = self.qkv(seq).view(n, T, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        return q, k, v  # each (n, heads, T, d / heads)
+
+    def forward(self, qkv, rows, slots, select, layout: Layout):
+        """Logits of subset ``select`` (m, 3) over the projected sequences ``rows`` (m,), whose
+        slots are ``slots`` (m, T)."""
+        q, k, v = (t.index_select(0, rows) for t in qkv)
         frames = slots & layout.expand(select)
-        h, _ = self.mha(seq, seq, seq, key_padding_mask=key_padding_mask(frames), need_weights=False)
-        return self.fc(balanced_pool(h, frames, layout))
+        keep = ~key_padding_mask(frames)
+        h = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=keep[:, None, None, :],
+                                                       dropout_p=self.dropout if self.training else 0.0)
+        h = h.transpose(1, 2).flatten(2)  # (m, T, d)
+        return self.fc(self.out(balanced_pool(h, frames, layout)))
 
 
 def pair_weights(pair_logits: torch.Tensor) -> torch.Tensor:
