@@ -210,7 +210,7 @@ def test_teacher_weights_come_from_the_prerequisite_and_loss_needs_them(data):
     t = build(tiny_cfg("emmr-teacher"), data.spec)
     assert isinstance(t, EMMRTeacher)
     m = build(tiny_cfg(), data.spec)
-    with pytest.raises(RuntimeError, match="teacher"):
+    with pytest.raises(RuntimeError, match="never loaded"):
         m.loss(masked(data, ["at"] * 4))
     m.attach({"teacher": t})
     assert all(torch.equal(v, t.encoder.state_dict()[k]) for k, v in m.teacher.state_dict().items())
@@ -278,3 +278,26 @@ def test_vectorised_branch_equals_a_per_sample_loop(data, fusion):
             q = m.forward_parts(_row(b, i))
             assert bool(q["fire"][0]) == bool(p["fire"][i]), i
             assert torch.allclose(q["out"][0], p["out"][i], atol=1e-5, rtol=1e-5), i
+
+
+# ---- end to end: the runner trains the teacher first and EMMR freezes it ----------------------------
+
+def test_run_trains_the_teacher_then_emmr_under_both_protocols(tmp_path):
+    from train.run import run_experiment
+    from train.synthetic import synthetic_folds
+    from train.trainer import load_checkpoint
+
+    d = synthetic_data(n=45, dims={"a": 5, "v": 4, "t": 6}, seed=0)
+    d.max_len, d.fixed_len = dict(LENS), True
+    folds = synthetic_folds(d, 1)
+    quick = {"train.epochs": 1, "train.batch_size": 16}
+    cfg = tiny_cfg(**quick, **{"eval.conditions": ["a", "avt", "eta=0.2", "eta=0.5"]})
+    run = run_experiment(d, folds, cfg, dataset="synth", seeds=[0], results_dir=tmp_path, progress=False,
+                         prereq_overrides={"emmr-teacher": {**TINY, **quick}}, log=lambda *a: None)
+    pre, _, _ = load_checkpoint(next(run.glob("prereq/emmr-teacher/*/seed0/best.pt")))
+    m, _, _ = load_checkpoint(next(run.glob("folds/*/seed0/best.pt")))
+    assert isinstance(m, EMMR) and bool(m.inherited)
+    for k, v in pre.encoder.state_dict().items():
+        assert torch.equal(m.teacher.state_dict()[k], v)
+    table = (run / "table.md").read_text()
+    assert "eta" in table.lower() and "{a}" in table

@@ -64,9 +64,8 @@ from torch import nn
 from train.conditions import MODALITIES
 from train.methods import Method, register
 from train.methods.emmr_nets import (AVT, ORDER, PAIRS, Fusion, FrameAE, Judge, Layout, ModalityEncoder,
-                                     TransformerED, balanced_pool, cat_frames, key_representation,
-                                     modality_valid, sym_kl)
-from train.nets import CascadeResidualAE, FcClassifier
+                                     TransformerED, balanced_pool, cat_frames, key_representation, sym_kl)
+from train.nets import CascadeResidualAE, FcClassifier, modality_valid
 
 RECONSTRUCTORS = ("tf", "ae", "cra")
 
@@ -142,7 +141,7 @@ class EMMR(Method):
 
         self.encoder = _encoder(spec, m)  # the student
         self.teacher = self.freeze(_encoder(spec, m))  # filled from the emmr-teacher prerequisite
-        self.register_buffer("teacher_ready", torch.tensor(False))
+        self.expects_inheritance()
         d, heads = self.encoder.dim, int(m.get("encoder", {}).get("heads", 4))
         drop = float(m.get("dropout", 0.3))
         t = m.get("tf", {})
@@ -161,14 +160,8 @@ class EMMR(Method):
             self.key_classifier = nn.Linear(n_key, spec.out_dim)  # R = r
 
     def attach(self, prereqs):
-        pre = prereqs.get("teacher")
-        if pre is None or not isinstance(getattr(pre, "encoder", None), ModalityEncoder):
-            raise ValueError("emmr needs its trained complete-data network: config 'requires: {teacher: emmr-teacher}'")
-        state = pre.encoder.state_dict()
-        self.teacher.load_state_dict(state)
-        if self.student_init == "teacher":
-            self.encoder.load_state_dict(state)
-        self.teacher_ready.fill_(True)
+        parts = ["encoder"] if self.student_init == "teacher" else []
+        self.inherit(prereqs, "teacher", parts, teachers={"teacher": "encoder"})
 
     # -- the forward pass ---------------------------------------------------------------------------
     def forward_parts(self, batch) -> dict:
@@ -259,8 +252,7 @@ class EMMR(Method):
         return torch.where(missing[..., None], full, x)
 
     def loss(self, batch):
-        if not bool(self.teacher_ready):
-            raise RuntimeError("emmr: the teacher was never loaded (attach a trained emmr-teacher first)")
+        self.check_inherited()
         p = self.forward_parts(batch)
         frames = cat_frames(_valid(batch, natural=True))  # frames the complete sample has
         parts = {"ce": self.task_loss(p["out"], batch["y"]),

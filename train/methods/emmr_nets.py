@@ -13,18 +13,7 @@ import torch
 from torch import nn
 
 from train.conditions import MODALITIES
-try:  # TODO(issue-12 merge): the framework's helpers replace these fallbacks
-    from train.nets import key_padding_mask, modality_valid
-except ImportError:
-    def modality_valid(batch: dict, m: str) -> torch.Tensor:
-        return batch["frame_mask"][m] & batch["present"][:, MODALITIES.index(m)][:, None]
-
-    def key_padding_mask(valid: torch.Tensor) -> torch.Tensor:
-        """True = ignore; a row with no valid key keeps key 0 so softmax never sees -inf only."""
-        empty = ~valid.any(1)
-        first = torch.zeros_like(valid)
-        first[:, 0] = True
-        return ~(valid | (empty[:, None] & first))
+from train.nets import key_padding_mask, modality_valid  # noqa: F401  (modality_valid: for emmr.py)
 
 ORDER = ("v", "a", "t")                      # the paper's concatenation order (Eq. 2)
 AVT = [MODALITIES.index(m) for m in ORDER]   # columns of an (a, v, t) availability array, in that order
