@@ -203,10 +203,10 @@ class EMMR(Method):
         rec = {j: torch.where(miss[..., None], d, x[check]) for j, d in dec.items()}
         out.update(check_dec=dec, check_recovered=rec)
 
-        qkv = {j: self.judge.project(r) for j, r in rec.items()}
+        qkv_tf = self.judge.project(rec["tf"])
         n = len(check)
         rows = torch.arange(n, device=x.device)
-        logits = self.judge(qkv["tf"], torch.cat([rows, rows]), torch.cat([sl, sl]),
+        logits = self.judge(qkv_tf, torch.cat([rows, rows]), torch.cat([sl, sl]),
                             torch.cat([torch.ones_like(present[check]), present[check]]), layout)
         lf, la = logits.split(n)
         out["l_full"] = out["l_full"].index_copy(0, check, lf.to(out["l_full"].dtype))
@@ -219,8 +219,11 @@ class EMMR(Method):
         sel = torch.zeros(3, 3, dtype=torch.bool, device=x.device)
         for i, (u, w) in enumerate(PAIRS):
             sel[i, u] = sel[i, w] = True
-        pair_rows, pair_slots, pair_sel = k.repeat(3), sl[k].repeat(3, 1), sel.repeat_interleave(len(k), 0)
-        pair_logits = torch.stack([self.judge(qkv[j], pair_rows, pair_slots, pair_sel, layout).view(3, len(k), C)
+        pair_slots, pair_sel = sl[k].repeat(3, 1), sel.repeat_interleave(len(k), 0)
+        own = torch.arange(len(k), device=x.device).repeat(3)
+        # the backbone's projection is there already; the others' are made for the fired rows only
+        qkv = {j: (qkv_tf, k.repeat(3)) if j == "tf" else (self.judge.project(rec[j][k]), own) for j in self.recon}
+        pair_logits = torch.stack([self.judge(qkv[j][0], qkv[j][1], pair_slots, pair_sel, layout).view(3, len(k), C)
                                    for j in self.recon], 0).permute(2, 0, 1, 3)  # (fired, J, 3 pairs, C)
         e_key = key_representation(pair_logits)  # (fired, J, 3C)
         r = self.fusion(e_key)
