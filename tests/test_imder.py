@@ -124,7 +124,7 @@ def _batch(T, seed=0, lengths=None):
 def _model(**recovery):
     torch.manual_seed(0)
     m = build(_cfg(**recovery), SPEC)
-    m.pretrained_ready.fill_(True)
+    m.inherited.fill_(True)
     return m
 
 
@@ -188,3 +188,60 @@ def test_ablations_drop_their_part(recovery, parts):
     assert set(got) == parts
     assert (m.score is None) == (not recovery.get("score", True))
     assert (m.refine is None) == (not recovery.get("refine", True))
+
+
+# ---- end to end: the prerequisite, inheritance, the missing-rate protocol, seeded evaluation ----------
+
+TINY = {"model.proj": {"d": 12, "kernel": 3}, "model.backbone.levels": 1, "model.backbone.heads": 4,
+        "train.epochs": 2, "train.batch_size": 8, "data.resample_to": 10, "data.normalize": [],
+        "eval.conditions": ["mr=0.0", "mr=0.3", "mr=0.6"]}
+TINY_IMDER = {**TINY, "model.score": _cfg()["model"]["score"], "model.refine": {"blocks": 1},
+              "model.sampler": _cfg()["model"]["sampler"], "select.conditions": ["mr=0.3"]}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """imder (and its prerequisite) trained for 2 epochs on a tiny synthetic regression set."""
+    from train.config import load_config
+    from train.run import run_experiment
+    from train.synthetic import synthetic_data, synthetic_folds
+
+    data = synthetic_data(n=36, seed=2, task="regression")
+    data.resample_to = 10
+    folds = synthetic_folds(data, 1)
+    root = tmp_path_factory.mktemp("imder")
+    run = run_experiment(data, folds, load_config("imder", None, TINY_IMDER), dataset="synth", seeds=[0],
+                         results_dir=root, progress=False, prereq_overrides={"imder-pretrain": TINY},
+                         log=lambda *a: None)
+    return data, folds[0], run
+
+
+def test_trains_on_its_prerequisite_under_the_missing_rate_protocol(trained):
+    import json
+
+    from train.trainer import load_checkpoint
+
+    data, fold, run = trained
+    res = json.loads(next(run.glob("folds/*/seed0/result.json")).read_text())
+    assert set(res["test"]) == {"mr=0", "mr=0.3", "mr=0.6"} and res["select_metric"] == "loss"
+    assert {"task", "score", "rec"} <= set(res["history"][0])
+    pre, _, _ = load_checkpoint(next(run.glob("prereq/imder-pretrain/*/seed0/best.pt")))
+    first = json.loads(next(run.glob("prereq/imder-pretrain/*/seed0/history.json")).read_text())
+    assert "score" not in first[0]  # the prerequisite trains the task loss on complete data only
+    model, _, _ = load_checkpoint(next(run.glob("folds/*/seed0/best.pt")))
+    # the frozen projections are the prerequisite's, unchanged by training
+    for a, b in zip(model.proj.state_dict().values(), pre.proj.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_two_evaluations_give_identical_numbers(trained):
+    from train.trainer import evaluate, load_checkpoint
+
+    data, fold, run = trained
+    model, norm, _ = load_checkpoint(next(run.glob("folds/*/seed0/best.pt")))
+    idx = data.indices(fold.test)
+    one = evaluate(model, data, idx, ["mr=0.6"], norm, seed=3)
+    two = evaluate(model, data, idx, ["mr=0.6"], norm, seed=3)
+    other = evaluate(model, data, idx, ["mr=0.6"], norm, seed=4)  # other masks and noise
+    assert np.array_equal(one["mr=0.6"]["out"], two["mr=0.6"]["out"])
+    assert not np.array_equal(one["mr=0.6"]["out"], other["mr=0.6"]["out"])

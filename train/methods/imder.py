@@ -98,15 +98,10 @@ class IMDer(IMDerPretrain):
                       if self.use_score else None)
         self.refine = (nn.ModuleDict({k: Refiner(d, **(m.get("refine") or {})) for k in MODALITIES})
                        if self.use_refine else None)
-        self.register_buffer("pretrained_ready", torch.tensor(False))
+        self.expects_inheritance()
 
     def attach(self, prereqs):
-        pre = prereqs.get("pretrained")
-        if pre is None or not all(hasattr(pre, p) for p in self.exports):
-            raise ValueError("imder needs the trained complete-data model: config 'requires: {pretrained: imder-pretrain}'")
-        for part in self.exports:
-            getattr(self, part).load_state_dict(getattr(pre, part).state_dict())
-        self.pretrained_ready.fill_(True)
+        self.inherit(prereqs, "pretrained", ["proj", "backbone"])
 
     # -- recovery ------------------------------------------------------------------------------------
     def condition(self, feats: dict, present: torch.Tensor, m: str, T: int) -> torch.Tensor:
@@ -175,8 +170,7 @@ class IMDer(IMDerPretrain):
         return self.backbone(feats, valid)
 
     def loss(self, batch):
-        if not bool(self.pretrained_ready):
-            raise RuntimeError("imder: the complete-data weights were never loaded (attach a trained imder-pretrain first)")
+        self.check_inherited()
         feats, valid = self.features(batch["x"], batch)
         with torch.no_grad():
             truth, _ = self.features(batch["x_full"], batch)

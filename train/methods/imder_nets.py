@@ -28,13 +28,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from train.conditions import MODALITIES
-
-
-def key_padding(valid: torch.Tensor) -> torch.Tensor:
-    """(B, T) True = ignore, for nn.MultiheadAttention; a row with no valid key keeps key 0."""
-    pad = ~valid
-    pad[:, 0] &= valid.any(1)
-    return pad
+from train.nets import key_padding_mask
 
 
 def last_valid(h: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -123,7 +117,7 @@ class CrossTransformer(nn.Module):
         mask = None
         if self.causal:  # MulT's future mask, shifted by the length difference
             mask = torch.ones(tq, tk, dtype=torch.bool, device=x.device).triu(1 + abs(tk - tq))
-        pad = None if kv_valid is None else key_padding(kv_valid)
+        pad = None if kv_valid is None else key_padding_mask(kv_valid)
         for layer in self.layers:
             x = layer(x, kv, mask, pad)
         return self.norm(x)
