@@ -90,6 +90,9 @@ def test_denoising_loss_is_lowest_for_the_true_score():
         return float(dsm_loss(fn, x0, SDE))
 
     true = loss(gaussian_score)
+    # its value is known: per element E_t[S^2 / (S^2 + std_t^2)] (the part of z no score can explain)
+    t = torch.linspace(1e-5, 1, 20001)
+    assert true == pytest.approx(3 * float((S ** 2 / (S ** 2 + SDE.marginal_std(t) ** 2)).mean()), rel=0.05)
     assert true < loss(lambda x, t: 1.2 * gaussian_score(x, t))
     assert true < loss(lambda x, t: gaussian_score(x - 0.3, t))
     assert true < loss(lambda x, t: torch.zeros_like(x))
@@ -193,7 +196,7 @@ def test_ablations_drop_their_part(recovery, parts):
 # ---- end to end: the prerequisite, inheritance, the missing-rate protocol, seeded evaluation ----------
 
 TINY = {"model.proj": {"d": 12, "kernel": 3}, "model.backbone.levels": 1, "model.backbone.heads": 4,
-        "train.epochs": 2, "train.batch_size": 8, "data.resample_to": 10, "data.normalize": [],
+        "train.epochs": 2, "train.batch_size": 8, "data.resample_to": 10,
         "eval.conditions": ["mr=0.0", "mr=0.3", "mr=0.6"]}
 TINY_IMDER = {**TINY, "model.score": _cfg()["model"]["score"], "model.refine": {"blocks": 1},
               "model.sampler": _cfg()["model"]["sampler"], "select.conditions": ["mr=0.3"]}
@@ -201,19 +204,24 @@ TINY_IMDER = {**TINY, "model.score": _cfg()["model"]["score"], "model.refine": {
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """imder (and its prerequisite) trained for 2 epochs on a tiny synthetic regression set."""
-    from train.config import load_config
-    from train.run import run_experiment
-    from train.synthetic import synthetic_data, synthetic_folds
+    """imder (and its prerequisite) trained for 2 epochs on a tiny MMSA aligned_50 MOSI pickle,
+    imported as the MOSI recipe's users would (regression on the sentiment value)."""
+    from fixtures_corpora import make_mmsa
 
-    data = synthetic_data(n=36, seed=2, task="regression")
-    data.resample_to = 10
-    folds = synthetic_folds(data, 1)
+    from manifests.datasets import load_folds, load_manifest
+    from manifests.importers import open_imported
+    from manifests.importers.mmsa import import_mmsa
+    from train.config import load_config
+    from train.run import build_data, train_method
+
     root = tmp_path_factory.mktemp("imder")
-    run = run_experiment(data, folds, load_config("imder", None, TINY_IMDER), dataset="synth", seeds=[0],
-                         results_dir=root, progress=False, prereq_overrides={"imder-pretrain": TINY},
-                         log=lambda *a: None)
-    return data, folds[0], run
+    pkl = root / "MOSI/Processed/aligned_50.pkl"
+    make_mmsa(pkl, "mosi", aligned=True, sizes=(10, 5, 5))
+    name, _ = import_mmsa(pkl, dataset="t-imder-mosi")
+    run = train_method(name, "imder", seeds=[0], device="cpu", results_dir=root / "results", overrides=TINY_IMDER,
+                       prereq_overrides={"imder-pretrain": TINY}, progress=False, log=lambda *a: None)
+    data = build_data(load_manifest(name), open_imported(name), load_config("imder", name, TINY_IMDER))
+    return data, load_folds(name)[1][0], run
 
 
 def test_trains_on_its_prerequisite_under_the_missing_rate_protocol(trained):
@@ -224,6 +232,7 @@ def test_trains_on_its_prerequisite_under_the_missing_rate_protocol(trained):
     data, fold, run = trained
     res = json.loads(next(run.glob("folds/*/seed0/result.json")).read_text())
     assert set(res["test"]) == {"mr=0", "mr=0.3", "mr=0.6"} and res["select_metric"] == "loss"
+    assert {"acc2", "acc2_has0", "f1", "acc7", "mae", "corr"} <= set(res["test"]["mr=0.6"])  # regression
     assert {"task", "score", "rec"} <= set(res["history"][0])
     pre, _, _ = load_checkpoint(next(run.glob("prereq/imder-pretrain/*/seed0/best.pt")))
     first = json.loads(next(run.glob("prereq/imder-pretrain/*/seed0/history.json")).read_text())
