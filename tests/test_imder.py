@@ -254,3 +254,21 @@ def test_two_evaluations_give_identical_numbers(trained):
     other = evaluate(model, data, idx, ["mr=0.6"], norm, seed=4)  # other masks and noise
     assert np.array_equal(one["mr=0.6"]["out"], two["mr=0.6"]["out"])
     assert not np.array_equal(one["mr=0.6"]["out"], other["mr=0.6"]["out"])
+
+
+def test_configs_the_paper_and_its_ablations():
+    from train.config import load_config
+
+    imder, pre = load_config("imder"), load_config("imder-pretrain")
+    assert imder["requires"] == {"pretrained": "imder-pretrain"}
+    assert all(imder[k] == pre[k] for k in ("features", "data")) and imder["model"]["proj"] == pre["model"]["proj"]
+    assert imder["model"]["backbone"] == pre["model"]["backbone"]
+    assert (imder["model"]["sigma"], imder["loss"]["mmd"], imder["train"]["optimizer"]["lr"]) == (25.0, 0.1, 2e-3)
+    assert imder["model"]["sampler"]["test"] == {"kind": "em", "steps": 100, "t_end": 1e-3}
+    assert imder["train"]["missing"]["kind"] == "missing-rate" and imder["select"]["metric"] == "loss"
+    for name, rec in (("imder-norefine", {"score": True, "refine": False}), ("imder-noscore", {"score": False, "refine": True}),
+                      ("imder-norecovery", {"score": False, "refine": False})):
+        abl = load_config(name)
+        assert {k for k in imder if imder[k] != abl[k]} == {"name", "model"}
+        assert {k for k in imder["model"] if imder["model"][k] != abl["model"][k]} == {"recovery"}
+        assert abl["model"]["recovery"] == rec
