@@ -284,3 +284,15 @@ def test_tsne_figure(data, tmp_path):
     m = model(data)
     paths = m.figures(tmp_path, data, np.arange(20))
     assert [p.name for p in paths] == ["tsne.png"] and paths[0].stat().st_size > 1000
+
+
+def test_rec_target_is_detached(data):
+    """L_rec pulls the reconstruction towards the projected ground truth, not the other way: with
+    text missing in every row, the text projection gets no gradient from L_rec."""
+    m = model(data).train()
+    b = apply_availability(data.collate(np.arange(16)), np.tile(availability("av"), (16, 1)))
+    b["phase"] = "train"
+    _, parts = m.loss(b)
+    parts["rec"].backward()
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for p in m.proj["t"].parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in m.proj["a"].parameters())
