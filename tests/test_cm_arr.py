@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from train.conditions import apply_availability, availability, sample_conditions
+from train import protocols
+from train.conditions import apply_availability, availability
 from train.config import load_config
 from train.flows import ActNorm, GlowFlow
 from train.methods import build
@@ -37,13 +38,14 @@ def _one_thread():
 
 @pytest.fixture(scope="module")
 def data():
-    # every modality 6 frames long: the common length the method needs (data.resample_to)
-    return synthetic_data(n=40, dims={"a": 5, "v": 4, "t": 6}, lengths={m: (6, 6) for m in ORDER}, seed=3)
+    d = synthetic_data(n=40, dims={"a": 5, "v": 4, "t": 6}, seed=3, absent=0.1)
+    d.resample_to = 6  # data.resample_to: the one common length the method needs
+    return d
 
 
 def train_batch(data, n=16, seed=0) -> dict:
     batch = data.collate(np.arange(n))
-    b = apply_availability(batch, sample_conditions(n, np.random.default_rng(seed)))
+    b = apply_availability(batch, protocols.draw({"kind": "conditions", "choices": ["a", "v", "t", "av", "at", "vt"]}, n, np.random.default_rng(seed)))
     b["phase"] = "train"
     return b
 
@@ -296,3 +298,23 @@ def test_rec_target_is_detached(data):
     parts["rec"].backward()
     assert all(p.grad is None or p.grad.abs().sum() == 0 for p in m.proj["t"].parameters())
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in m.proj["a"].parameters())
+
+
+def test_run_writes_the_tsne_figure(tmp_path):
+    """Through the runner: the figures hook draws tsne.png into each fold x seed folder and
+    result.json lists it; the resumable checkpoint reloads with its ActNorm initialisation."""
+    from train.run import run_experiment
+    from train.synthetic import synthetic_folds
+    from train.trainer import load_checkpoint
+
+    d = synthetic_data(n=30, dims={"a": 5, "v": 4, "t": 6}, seed=4)
+    d.resample_to = 5
+    cfg = tiny_cfg(**{"train.epochs": 1, "train.batch_size": 8, "eval.conditions": ["a", "avt"]})
+    run = run_experiment(d, synthetic_folds(d, 2)[:1], cfg, dataset="synth", seeds=[0], results_dir=tmp_path,
+                         progress=False, log=lambda *_: None)
+    import json
+
+    res = json.loads((run / "folds" / "f1" / "seed0" / "result.json").read_text())
+    assert res["figures"] == ["folds/f1/seed0/tsne.png"] and (run / res["figures"][0]).is_file()
+    m, _, _ = load_checkpoint(run / "folds" / "f1" / "seed0" / "best.pt")
+    assert all(bool(t.initialized) for f in m.flows.values() for t in f.transforms if hasattr(t, "initialized"))

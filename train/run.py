@@ -167,6 +167,9 @@ class Experiment:
         res["test"].update({c: metrics.compute(task, r["y"], r["out"]) for c, r in test.items()})
         res.setdefault("realised_mr", {}).update({c: protocols.realised_rate(r["avail"]) for c, r in test.items()})
         res["val"].update({c: metrics.compute(task, r["y"], r["out"]) for c, r in val.items()})
+        # the method's own figures of the selected model on the test split (CM-ARR's t-SNE)
+        figs = best.figures(out_dir, self.data, te, norm, self.device)
+        res["figures"] = sorted({*res.get("figures", []), *(os.path.relpath(f, self.run_dir) for f in figs)})
         res["time_s"] = res.get("time_s", 0.0) + time.perf_counter() - t0
         _write_json(out_dir / "result.json", res)
         (out_dir / "last.pt").unlink(missing_ok=True)  # optimiser state is only needed to resume
@@ -394,7 +397,7 @@ def train_method(dataset: str, method: str, folds=None, seeds=None, device: str 
     prereq_overrides = prerequisite_overrides(overrides, prereq_overrides)
     dev = resolve_device(device)
     man = load_manifest(dataset, data_root=data_root, manifest=manifest)
-    proto, fold_list = load_folds(dataset, protocol)
+    proto, fold_list = load_folds(dataset, protocol or cfg.get("fold_protocol"))  # CLI, else the config's
     stores = ensure_stores(dataset, cfg, dev, data_root, manifest)
     data = build_data(man, stores, cfg)
     meta = {"protocol": proto, "features": store_description(stores),

@@ -91,6 +91,12 @@ class Method(nn.Module):
     def on_epoch_end(self, epoch: int, record: dict) -> None:
         """Called after every epoch's validation with its history record (may add keys to it)."""
 
+    def figures(self, out_dir, data, idx, normalizer=None, device: str = "cpu") -> list:
+        """Figures of this (selected, tested) model drawn from rows ``idx`` (the test split) of
+        ``data``, written into ``out_dir`` (the fold x seed folder); returns their paths. The
+        runner calls it after testing; none by default."""
+        return []
+
     # -- shared helpers ------------------------------------------------------------------------------
     def inherit(self, prereqs: dict, role: str, parts, teachers: dict[str, str] | None = None) -> None:
         """Load the weights of ``parts`` (attribute names) from the trained prerequisite of ``role``
