@@ -51,7 +51,7 @@ Choices the paper leaves open (each is a config key):
   equations. ``model.fusion.kind: concat`` is the "w/o attention" ablation.
 - L_spcl temperature 0.07 (Khosla et al.'s); a sample with no modality at all (possible only when
   natural absence meets the condition) gets the zero latent (the base distribution's mean).
-- Sizes: d = 128, 4 heads, dropout 0.1; classifier FC d -> C.
+- Sizes: d = 128, 4 heads, dropout 0.1; classifier one hidden FC layer of d units (dropout 0.3).
 """
 
 from __future__ import annotations
