@@ -318,3 +318,17 @@ def test_run_writes_the_tsne_figure(tmp_path):
     assert res["figures"] == ["folds/f1/seed0/tsne.png"] and (run / res["figures"][0]).is_file()
     m, _, _ = load_checkpoint(run / "folds" / "f1" / "seed0" / "best.pt")
     assert all(bool(t.initialized) for f in m.flows.values() for t in f.transforms if hasattr(t, "initialized"))
+
+
+def test_mixed_precision_forward_and_backward(data):
+    """Under autocast (CUDA's fp16 in training; CPU bf16 here) the flows run in float32 and the
+    completion keeps dtypes consistent: loss, gradients and predictions stay finite."""
+    m = model(data).train()
+    b = train_batch(data)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, _ = m.loss(b)
+        loss.backward()
+        m.eval()
+        out = m.predict({k: v for k, v in b.items() if k not in ("x_full", "y")})
+    assert torch.isfinite(loss) and torch.isfinite(out.float()).all()
+    assert all(torch.isfinite(p.grad).all() for p in m.parameters() if p.grad is not None)

@@ -78,17 +78,22 @@ class GlowFlow(nn.Module):
         self.features = features
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None):
-        ladj = x.new_zeros(x.shape[:-1])
-        for t in self.transforms:
-            if isinstance(t, ActNorm) and self.training and not bool(t.initialized):
-                t.initialize(x, mask)
-            x, l = t().call_and_ladj(x)
-            ladj = ladj + l
+        # float32 whatever the autocast: exact inverses, and torch's triangular solves take no fp16
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            x = x.float()
+            ladj = x.new_zeros(x.shape[:-1])
+            for t in self.transforms:
+                if isinstance(t, ActNorm) and self.training and not bool(t.initialized):
+                    t.initialize(x, mask)
+                x, l = t().call_and_ladj(x)
+                ladj = ladj + l
         return x, ladj
 
     def inverse(self, z: torch.Tensor) -> torch.Tensor:
-        for t in reversed(self.transforms):
-            z = t().inv(z)
+        with torch.autocast(device_type=z.device.type, enabled=False):
+            z = z.float()
+            for t in reversed(self.transforms):
+                z = t().inv(z)
         return z
 
 

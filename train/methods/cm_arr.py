@@ -140,7 +140,8 @@ class CMARR(Method):
         z, ladj = {}, {}
         for i, n in enumerate(MODALITIES):
             rows = present[:, i].nonzero().squeeze(1)
-            z[n], ladj[n] = torch.zeros_like(X[n]), X[n].new_zeros(X[n].shape[:2])
+            z[n] = X[n].new_zeros(X[n].shape, dtype=torch.float32)  # the flows run in float32 (AMP too)
+            ladj[n] = X[n].new_zeros(X[n].shape[:2], dtype=torch.float32)
             if len(rows):  # only the available rows go through the flow (zuko refuses empty batches)
                 zn, ln = self.flows[n](X[n][rows], valid[n][rows])
                 z[n], ladj[n] = z[n].index_put((rows,), zn), ladj[n].index_put((rows,), ln)
@@ -150,7 +151,8 @@ class CMARR(Method):
             miss = (~present[:, i]).nonzero().squeeze(1)
             xhat[n] = torch.zeros_like(X[n])
             if len(miss):
-                xhat[n] = xhat[n].index_put((miss,), self.refine[n](self.flows[n].inverse(z_tilde[miss])))
+                rec = self.refine[n](self.flows[n].inverse(z_tilde[miss]))
+                xhat[n] = xhat[n].index_put((miss,), rec.to(xhat[n].dtype))
             keep = present[:, i].view(-1, 1, 1)
             xc[n] = torch.where(keep, X[n], xhat[n])
             valid_c[n] = torch.where(present[:, i].view(-1, 1), valid[n], torch.ones_like(valid[n]))
