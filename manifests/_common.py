@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Iterable
 
 from manifests.schema import Fold, ManifestError, Utterance, check_speaker_disjoint, write_folds
+from pipeline.fsutil import atomic_write_text
 
 
 def need_root(dataset: str, data_root: Path | None, expected: str) -> Path:
@@ -107,9 +108,9 @@ def stop_on_mismatch(dataset: str, out_dir: Path, report: list[str], accept: boo
         ok.unlink(missing_ok=True)
         return
     text = "\n".join(report) + "\n"
-    path.write_text(text)
+    atomic_write_text(path, text)
     if accept or (ok.is_file() and ok.read_text() == text):
-        ok.write_text(text)
+        atomic_write_text(ok, text)
         print(f"{dataset}: counts differ from the documented ones (accepted; see {path})")
         return
     raise ManifestError(f"{dataset}: the corpus looks complete but its counts differ from the documented ones "

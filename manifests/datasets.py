@@ -26,6 +26,7 @@ from types import ModuleType
 
 from manifests.schema import Fold, Manifest, ManifestError, read_folds, read_manifest
 from pipeline.cache import cache_root
+from pipeline.fsutil import atomic_write_json
 
 
 def recipes() -> dict[str, ModuleType]:
@@ -148,9 +149,7 @@ def feature_map(dataset: str) -> dict[str, dict] | None:
 def write_feature_map(dataset: str, mapping: dict[str, dict]) -> Path:
     path = manifest_dir(dataset) / "features.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(mapping, indent=1, sort_keys=True))
-    tmp.replace(path)
+    atomic_write_json(path, mapping, sort_keys=True)
     return path
 
 

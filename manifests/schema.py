@@ -102,17 +102,18 @@ def write_manifest(path: Path | str, utts: Iterable[Utterance], dataset: str,
     path.parent.mkdir(parents=True, exist_ok=True)
     head = {"_manifest": 1, "dataset": dataset, "labels": labels,
             "root": str(root) if root is not None else None}
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    seen: set[str] = set()
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(json.dumps(head) + "\n")
+    from pipeline.fsutil import atomic_write_lines
+
+    def lines():
+        seen: set[str] = set()
+        yield json.dumps(head)
         for u in utts:
             if u.id in seen:
                 raise ManifestError(f"{path}: duplicate utterance id {u.id!r}")
             seen.add(u.id)
-            f.write(json.dumps(u.to_json(), ensure_ascii=False) + "\n")
-    tmp.replace(path)
-    return path
+            yield json.dumps(u.to_json(), ensure_ascii=False)
+
+    return atomic_write_lines(path, lines())
 
 
 def read_manifest(path: Path | str) -> Manifest:
@@ -172,10 +173,9 @@ def write_folds(path: Path | str, folds: list[Fold], protocol: str) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     doc = {"protocol": protocol, "folds": [asdict(f) for f in folds]}
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(doc, indent=1))
-    tmp.replace(path)
-    return path
+    from pipeline.fsutil import atomic_write_json
+
+    return atomic_write_json(path, doc)
 
 
 def read_folds(path: Path | str) -> tuple[str, list[Fold]]:

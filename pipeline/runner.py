@@ -22,6 +22,7 @@ from extract import base
 from extract.base import Extractor, ExtractorUnavailable, Failure
 from manifests.schema import Manifest, Utterance
 from pipeline.cache import cache_root
+from pipeline.fsutil import atomic_write_json
 from pipeline.store import FeatureStore, store_path
 
 
@@ -157,9 +158,7 @@ def _save_digests(manifest: Manifest, saved: dict, extra: set[str] = frozenset()
     path = _digest_file(manifest.dataset)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(new))
-        tmp.replace(path)
+        atomic_write_json(path, new, indent=None)
     except OSError:
         pass  # only a speed-up: a read-only cache still works
 

@@ -32,6 +32,7 @@ import yaml
 
 from pipeline.cache import config_hash
 from pipeline.device import torch_threads
+from pipeline.fsutil import atomic_write_json
 from train import metrics
 from train.config import ConfigError, load_config
 from train.data import MultimodalData, Normalizer
@@ -151,9 +152,7 @@ class Experiment:
                "test": {c: metrics.compute(task, r["y"], r["out"]) for c, r in test.items()},
                "val": {c: metrics.compute(task, r["y"], r["out"]) for c, r in val.items()},
                "history": summary["history"], "time_s": time.perf_counter() - t0}
-        tmp = done.with_suffix(".tmp")
-        tmp.write_text(json.dumps(res, indent=1, default=float))
-        tmp.replace(done)
+        atomic_write_json(done, res, default=float)
         trainer.last_path.unlink(missing_ok=True)  # optimiser state is only needed to resume
         return res
 
@@ -235,9 +234,7 @@ def _finished(d: Path, sig: str) -> bool:
 
 
 def _write_json(path: Path, obj) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, default=str))
-    tmp.replace(path)
+    atomic_write_json(path, obj, default=str)
 
 
 def read_runs(root: Path, pattern: str = "*/run.json"):
