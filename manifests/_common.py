@@ -69,6 +69,12 @@ def split_off(ids: list[str], frac: float, seed: int, labels: dict[str, str | No
 
 def finish_folds(out_dir: Path, protocol: str, folds: list[Fold], utts: list[Utterance], dataset: str) -> Path:
     """Assert the protocol's invariants (disjoint splits, speaker-independent test) and write it."""
+    check_fold_invariants(protocol, folds, utts, dataset)
+    return write_folds(out_dir / f"folds-{protocol}.json", folds, protocol, manifest_ids=[u.id for u in utts])
+
+
+def check_fold_invariants(protocol: str, folds: list[Fold], utts: list[Utterance], dataset: str) -> None:
+    """Disjoint splits, ids of the manifest, non-empty train/test, speaker-independent test."""
     speakers = {u.id: u.speaker for u in utts}
     known = set(speakers)
     for f in folds:
@@ -82,7 +88,6 @@ def finish_folds(out_dir: Path, protocol: str, folds: list[Fold], utts: list[Utt
             raise ManifestError(f"{dataset}/{protocol}: fold {f.name} has an empty train or test split "
                                 f"({len(f.train)}/{len(f.val)}/{len(f.test)}); the data is too small for this protocol")
     check_speaker_disjoint(folds, speakers, where=f"{dataset}/{protocol}")
-    return write_folds(out_dir / f"folds-{protocol}.json", folds, protocol)
 
 
 # ---- documented counts ----------------------------------------------------------------------------

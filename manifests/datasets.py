@@ -24,7 +24,7 @@ import pkgutil
 from pathlib import Path
 from types import ModuleType
 
-from manifests.schema import Fold, Manifest, ManifestError, read_folds, read_manifest
+from manifests.schema import Fold, Manifest, ManifestError, check_folds, read_folds, read_manifest
 from pipeline.cache import cache_root
 from pipeline.fsutil import atomic_write_json
 
@@ -136,6 +136,14 @@ def load_folds(dataset: str, protocol: str | None = None) -> tuple[str, list[Fol
         raise ManifestError(f"{path}: no fold file for protocol {protocol!r}; known: {known}. "
                             f"Build the manifest first: imer manifest --dataset {dataset}")
     return read_folds(path)
+
+
+def check_dataset_folds(manifest: Manifest, dataset: str, protocol: str, folds: list[Fold]) -> None:
+    """Refuse folds that do not belong to ``manifest`` (see schema.check_folds), before any training."""
+    path = manifest_dir(dataset) / f"folds-{protocol}.json"
+    how = ("imer manifest --dataset own --manifest YOUR.csv" if canonical(dataset) == "own"
+           else f"imer manifest --dataset {dataset} --data-root PATH")
+    check_folds(manifest, folds, path, how)
 
 
 # ---- imported feature stores ------------------------------------------------------------------------

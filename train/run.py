@@ -85,9 +85,13 @@ def parse_seeds(seeds) -> list[int] | None:
     if isinstance(seeds, str):
         seeds = [s for s in seeds.split(",") if s.strip()]
     try:
-        return [int(s) for s in seeds]
+        out = [int(s) for s in seeds]
     except ValueError:
         raise ConfigError(f"seeds must be integers, e.g. 0,1,2; got {seeds!r}") from None
+    bad = [s for s in out if not 0 <= s < 2 ** 32]
+    if bad:  # numpy's seeding refuses them, after the run was marked running
+        raise ConfigError(f"seeds must be integers in [0, 2**32), e.g. 0,1,2; got {bad[0]}")
+    return out
 
 
 class Experiment:
@@ -268,7 +272,7 @@ def run_experiment(data: MultimodalData, folds: list, cfg: dict, *, dataset: str
                    log=print) -> Path:
     """Train ``cfg`` on every selected fold x seed of ``data``; returns the run directory."""
     folds = select_folds(folds, fold_select)
-    seeds = parse_seeds(seeds) or [int(s) for s in cfg.get("seeds", [0])]
+    seeds = parse_seeds(seeds) or parse_seeds(cfg.get("seeds", [0]))
     root = results_root(results_dir)
     method_dir = root / _safe(dataset) / _safe(cfg["name"])
     cfg_hash = config_hash({k: v for k, v in cfg.items() if k != "seeds"}, 12)
@@ -347,13 +351,14 @@ def train_method(dataset: str, method: str, folds=None, seeds=None, device: str 
     """Extract what is missing, train ``method`` on every fold x seed of ``dataset``, evaluate every
     condition and write ``results/<dataset>/<method>/<run-id>/``; returns that directory. On CPU,
     training uses ``threads`` torch threads (default 1, see ``cpu_threads``)."""
-    from manifests.datasets import load_folds, load_manifest
+    from manifests.datasets import check_dataset_folds, load_folds, load_manifest
     from pipeline.device import resolve_device
 
     cfg = load_config(method, dataset, overrides)
     dev = resolve_device(device)
     man = load_manifest(dataset, data_root=data_root, manifest=manifest)
     proto, fold_list = load_folds(dataset, protocol)
+    check_dataset_folds(man, dataset, proto, fold_list)
     stores = ensure_stores(dataset, cfg, dev, data_root, manifest)
     data = build_data(man, stores, cfg)
     meta = {"protocol": proto, "features": store_description(stores),
