@@ -530,6 +530,17 @@ def ensure_features(dataset: str, specs: dict[str, str | dict], *, device: str =
         if mod in base.MODALITIES and ext.modality != mod:
             raise ValueError(f"extractor {ext.name!r} is a {ext.modality} extractor, not {mod}")
         exts[mod] = ext
+    def unavailable(mod: str, name: str, e: Exception) -> ExtractorUnavailable:
+        return ExtractorUnavailable(
+            f"the {mod} extractor {name!r} cannot run here for dataset {dataset!r}: {e}. Two ways out: provide "
+            f"its weights as said, or train on features that run offline: add `--features offline` "
+            f"(train/feature_sets.yaml)")
+
+    for mod, ext in exts.items():
+        try:
+            ext.key  # resolves the model (an unavailable one fails here, before any work)
+        except ExtractorUnavailable as e:
+            raise unavailable(mod, ext.name, e) from None
     try:
         summaries = run_features(man, list(exts.values()), workers=workers, progress=progress)
     except ExtractorUnavailable as e:
@@ -537,10 +548,7 @@ def ensure_features(dataset: str, specs: dict[str, str | dict], *, device: str =
         mod = next((m for m, x in exts.items() if x.name == name), None)
         if mod is None:
             raise
-        raise ExtractorUnavailable(
-            f"the {mod} extractor {name!r} cannot run here for dataset {dataset!r}: {e}. Two ways out: provide "
-            f"its weights as said, or train on features that run offline: add `--features offline` "
-            f"(train/feature_sets.yaml)") from None
+        raise unavailable(mod, name, e) from None
     for s in summaries:
         if s.computed or s.failed:
             print(f"imer: {s.line()}", file=sys.stderr)

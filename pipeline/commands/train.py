@@ -55,6 +55,9 @@ def main(args) -> int:
         print(f"imer train: unknown method(s) {', '.join(unknown)}; known: {', '.join(list_configs())}", file=sys.stderr)
         return 2
     try:
+        from train.run import parse_seeds
+
+        parse_seeds(args.seeds)  # before anything is built or marked running
         overrides = dict(parse_override(o) for o in args.overrides)
         if args.features:
             overrides["features"] = feature_set(args.features)
