@@ -229,6 +229,19 @@ def test_unopenable_store_is_one_line(extracted, how, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and str(path) in err
+    assert main(["store", "verify", str(path)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(path) in err
+    # imer train reaches the store through the same stage runner: one line too, not a traceback
+    from manifests.datasets import manifest_dir
+    from manifests.schema import Fold, write_folds
+
+    ids = sorted(ref)
+    write_folds(manifest_dir(ds) / "folds-k.json", [Fold("1", ids[2:], ids[:1], ids[1:2])], "k")
+    assert main(["train", "--dataset", ds, "--manifest", str(man), "--method", "baseline", "--device", "cpu",
+                 "--no-progress", "--set", f"features={{audio: {{name: {SPEC}}}}}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("imer train: ") and str(path) in err
 
 
 def test_concurrent_runs_split_the_work(tmp_path):
