@@ -105,11 +105,11 @@ def save_checkpoint(path: str | Path, model, classes, mean: float, std: float, a
 
 def load_checkpoint(path: str | Path, device: str = "cpu"):
     """(model in eval mode on ``device``, checkpoint dict without the weights)."""
-    import torch
+    from pipeline.fsutil import safe_torch_load
 
     path = Path(path)
     try:
-        doc = torch.load(path, map_location="cpu", weights_only=True)
+        doc = safe_torch_load(path, "cpu")
     except Exception as e:  # noqa: BLE001 - pickle/zip errors of a wrong or damaged file
         raise ValueError(f"{path}: not a readable torch checkpoint ({type(e).__name__}: {e}); "
                          "write one with `imer denseface-train`") from None

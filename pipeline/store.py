@@ -711,12 +711,20 @@ def list_stores(dataset: str | None = None) -> list[Path]:
 
 
 def stale_dirs(dataset: str | None = None) -> list[Path]:
-    """Leftovers of crashed creations/compactions (``*.tmp-PID``, ``*.gc-PID``, ``*.old-PID``)."""
+    """Leftovers of crashed creations/compactions (``*.tmp-PID``, ``*.gc-PID``, ``*.old-PID``) and
+    batch claims (``*.claims``) no run has touched for 10 minutes."""
     root = cache_root() / "stores"
-    pats = ("*.tmp-*", "*.gc-*", "*.old-*")
+    pats = ("*.tmp-*", "*.gc-*", "*.old-*", "*.claims")
     dirs = [root / dataset] if dataset else [p for p in root.glob("*") if p.is_dir()]
     out = []
     for p in sorted(p for d in dirs for pat in pats for p in d.glob(pat) if p.is_dir()):
+        if p.suffix == ".claims":
+            try:
+                if time.time() - max([p.stat().st_mtime] + [f.stat().st_mtime for f in p.iterdir()]) > 600:
+                    out.append(p)
+            except OSError:  # a claim file came or went meanwhile: a run is active
+                pass
+            continue
         pid = p.name.rsplit("-", 1)[-1]
         # keep what a live process may still be writing (the pid test only holds on this host,
         # so also wait a while since the last change)

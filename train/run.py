@@ -32,7 +32,7 @@ import yaml
 
 from pipeline.cache import config_hash
 from pipeline.device import torch_threads
-from pipeline.fsutil import atomic_write_json
+from pipeline.fsutil import atomic_write_json, atomic_write_text
 from train import metrics
 from train.config import ConfigError, load_config
 from train.data import MultimodalData, Normalizer
@@ -203,7 +203,7 @@ class Experiment:
     # -- the whole run ------------------------------------------------------------------------------
     def run(self, seeds: list[int], meta: dict) -> str:
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "config.yaml").write_text(yaml.safe_dump(self.cfg, sort_keys=False))
+        atomic_write_text(self.run_dir / "config.yaml", yaml.safe_dump(self.cfg, sort_keys=False))
         meta = {**meta, "status": "running", "started": meta.get("started") or time.strftime("%Y-%m-%dT%H:%M:%S"),
                 "folds": [f.name for f in self.folds], "seeds": seeds, "device": self.device,
                 "task": self.data.task, "labels": self.data.labels, "dims": self.data.spec.dims,
