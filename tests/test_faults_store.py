@@ -245,20 +245,24 @@ def test_unopenable_store_is_one_line(extracted, how, capsys):
 
 
 def test_concurrent_runs_split_the_work(tmp_path):
-    """Two `run_features` processes started together on the same store compute each utterance once."""
+    """Two `run_features` processes started together on the same store extract each utterance once
+    (before the per-batch claims, both extracted all of it and one threw its results away)."""
     man = _corpus(tmp_path / "corpus", "conc", 8)
-    code = ("import sys, time; sys.path.insert(0, sys.argv[2]); from test_runner import Frames; "
+    code = ("import sys, time, pathlib; sys.path.insert(0, sys.argv[2]); from test_runner import Frames; "
             "from manifests.schema import read_manifest; from pipeline.runner import run_features; "
-            "time.sleep(max(0, float(sys.argv[3]) - time.time())); "
-            "[s] = run_features(read_manifest(sys.argv[1]), [Frames()], progress=False); print(s.computed, s.cached)")
-    import time
-
-    start = time.time() + 3  # both start computing at the same moment
+            "import pipeline.store, zarr, filelock, tqdm.auto; "  # imported before the barrier
+            "d = pathlib.Path(sys.argv[3]); (d / str(time.time())).touch(); "
+            "[time.sleep(0.01) for _ in iter(lambda: len(list(d.iterdir())) < 2, False)]; "
+            "[s] = run_features(read_manifest(sys.argv[1]), [Frames()], progress=False); "
+            "print(s.computed, s.cached, len(Frames.calls))")
+    barrier = tmp_path / "barrier"
+    barrier.mkdir()
     env = {**os.environ, "IMER_TEST_SLEEP": "0.4", "PYTHONPATH": str(REPO)}
-    procs = [subprocess.Popen([sys.executable, "-c", code, str(man), str(REPO / "tests"), str(start)], env=env,
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(man), str(REPO / "tests"), str(barrier)], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
     outs = [p.communicate(timeout=120) for p in procs]
     assert all(p.returncode == 0 for p in procs), outs
     counts = [tuple(map(int, o.strip().split())) for o, _ in outs]
     assert sum(c[0] for c in counts) == 8 and sum(c[1] for c in counts) == 8, counts
-    assert all(c[0] > 0 for c in counts), counts  # both did part of it
+    assert sum(c[2] for c in counts) == 8, counts  # utterances extracted: each once, not once per run
+    assert all(c[2] > 0 for c in counts), counts  # both did part of it
