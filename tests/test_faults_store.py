@@ -247,7 +247,7 @@ def test_unopenable_store_is_one_line(extracted, how, capsys):
 def test_concurrent_runs_split_the_work(tmp_path):
     """Two `run_features` processes started together on the same store extract each utterance once
     (before the per-batch claims, both extracted all of it and one threw its results away)."""
-    man = _corpus(tmp_path / "corpus", "conc", 8)
+    man = _corpus(tmp_path / "corpus", "faults-conc", 8)  # a dataset (store) of its own
     code = ("import sys, time, pathlib; sys.path.insert(0, sys.argv[2]); from test_runner import Frames; "
             "from manifests.schema import read_manifest; from pipeline.runner import run_features; "
             "import pipeline.store, zarr, filelock, tqdm.auto; "  # imported before the barrier
