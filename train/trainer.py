@@ -13,7 +13,6 @@ training and validation rows: model selection cannot read the test split.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections import defaultdict
@@ -23,6 +22,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from pipeline.fsutil import atomic_torch_save, atomic_write_json, safe_torch_load
 from train import metrics
 from train import protocols
 from train.conditions import apply_availability
@@ -151,9 +151,7 @@ def select_metric(name: str | None, task: str) -> str:
 # ---- the trainer ---------------------------------------------------------------------------------
 
 def _save(obj, path: Path) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    tmp.replace(path)  # atomic: an interruption never leaves half a checkpoint
+    atomic_torch_save(obj, path)  # atomic, and plain values only: loadable with weights_only=True
 
 
 class Trainer:
@@ -215,7 +213,7 @@ class Trainer:
         state = {"epoch": 0, "best_score": None, "best_epoch": None, "bad_epochs": 0, "history": [], "done": False}
 
         if self.last_path.is_file():
-            ck = torch.load(self.last_path, map_location=self.device, weights_only=False)
+            ck = safe_torch_load(self.last_path, self.device)
             if ck.get("signature") == self.signature:
                 self.method.load_state_dict(ck["model"])
                 opt.load_state_dict(ck["optimizer"])
@@ -258,7 +256,7 @@ class Trainer:
                    "scaler": scaler.state_dict(), "torch_rng": torch.get_rng_state(),
                    "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
                    "state": state, "signature": self.signature}, self.last_path)
-            (self.out_dir / "history.json").write_text(json.dumps(state["history"], indent=1, default=float))
+            atomic_write_json(self.out_dir / "history.json", state["history"], default=float)
             bar.set_postfix(loss=f"{rec['loss']:.3f}", **{f"val_{self.metric}": f"{rec.get('val_score', math.nan):.3f}"})
             for cb in self.callbacks:
                 cb(self, epoch, rec)
@@ -325,7 +323,7 @@ def load_checkpoint(path, device: str = "cpu"):
     spec stored in it, weights loaded, in eval mode."""
     from train.methods import build
 
-    ck = torch.load(path, map_location=device, weights_only=False)
+    ck = safe_torch_load(path, device)
     spec = DataSpec(**ck["spec"])
     method = build(ck["config"], spec)
     method.load_state_dict(ck["model"])
