@@ -15,13 +15,13 @@ comparison's own report goes to ``results/<dataset>/compare/<id>/`` (``train.com
 from __future__ import annotations
 
 import copy
-import json
 import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.cache import config_hash
+from pipeline.fsutil import atomic_write_json
 from train import protocols
 from train.config import list_configs, load_config
 
@@ -179,7 +179,7 @@ def finish_runs(ctx: Context, methods: list[str], seeds: list[int], meta: dict) 
                   "dims": data.spec.dims, "data_signature": data.signature, "columns": eval_columns(cfg),
                   "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
         write_run_outputs(run_dir, cfg, m_meta)
-        (run_dir / "run.json").write_text(json.dumps(m_meta, indent=1, default=str))
+        atomic_write_json(run_dir / "run.json", m_meta, default=str)
         out[m] = run_dir
     return out
 
@@ -197,6 +197,7 @@ def compare(dataset: str, methods=None, *, features: dict | None = None, overrid
     """Train (or reuse) and evaluate every method on every fold x seed; write the comparison
     report; returns its folder ``results/<dataset>/compare/<id>/``."""
     from train.compare_report import write_report
+    from train.config import feature_set
     from train.run import parse_seeds, results_root, select_folds
 
     methods = list(methods or [m for m in DEFAULT_METHODS if m in list_configs()])
@@ -204,6 +205,11 @@ def compare(dataset: str, methods=None, *, features: dict | None = None, overrid
     if unknown:
         raise ValueError(f"unknown method(s) {', '.join(unknown)}; known: {', '.join(list_configs())}")
     over = copy.deepcopy(overrides or {})
+    if features is None and data is None:  # one feature set for every method
+        if dataset != "demo":
+            raise ValueError(f"compare on {dataset!r} needs --features NAME (one of train/feature_sets.yaml: "
+                             "mmin, emmr, cm-arr, gcnet, offline) so every method reads the same features")
+        features = feature_set("demo")
     if features:
         over["features"] = features
     if fold_list is None:
@@ -233,7 +239,7 @@ def compare(dataset: str, methods=None, *, features: dict | None = None, overrid
             "features": features, "overrides": overrides or {}, "columns": COLUMNS, "workers": workers,
             "scheduler": scheduler, "wall_s": wall, "failed": failed,
             "job_time_s": {k: o.get("time_s") for k, o in outcomes.items()}, "cpu_count": os.cpu_count()}
-    (out_dir / "compare.json").write_text(json.dumps(info, indent=1, default=str))
+    atomic_write_json(out_dir / "compare.json", info, default=str)
     write_report(out_dir, runs, info)
     log(f"compare {cid}: {len(outcomes) - len(failed)} jobs done, {len(failed)} failed, {wall:.0f} s -> {out_dir}")
     return out_dir
