@@ -23,6 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from train import metrics
+from train.clipping import clip_gradients
 from train.conditions import apply_availability, availability, sample_availability
 from train.data import DataSpec, MultimodalData, Normalizer, batch_to
 
@@ -265,9 +266,7 @@ class Trainer:
                                          "lower the learning rate or check the features for inf/NaN")
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
-            if clip:
-                scaler.unscale_(opt)
-                torch.nn.utils.clip_grad_norm_(params, float(clip))
+            clip_gradients(self.method, self.tcfg, params, scaler, opt)
             scaler.step(opt)
             scaler.update()
             sums["loss"] += float(loss.detach()) * n
