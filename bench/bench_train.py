@@ -56,7 +56,8 @@ def time_batches(method, cfg, data, train_idx, val_idx, device: str, max_batches
     import numpy as np
     import torch
 
-    from train.conditions import apply_availability, availability, sample_availability
+    from train.conditions import apply_availability
+    from train.protocols import draw, masks
     from train.data import Normalizer, batch_to
     from train.trainer import make_optimizer
 
@@ -70,7 +71,7 @@ def time_batches(method, cfg, data, train_idx, val_idx, device: str, max_batches
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
 
     def step(batch):
-        b = batch_to(apply_availability(batch, sample_availability(cfg["train"].get("missing"), len(batch["y"]), rng)), device)
+        b = batch_to(apply_availability(batch, draw(cfg["train"].get("missing"), len(batch["y"]), rng)), device)
         with torch.autocast(device_type="cuda", dtype=torch.float16, enabled=amp):
             loss, _ = method.loss(b)
         opt.zero_grad(set_to_none=True)
@@ -101,7 +102,7 @@ def time_batches(method, cfg, data, train_idx, val_idx, device: str, max_batches
     with torch.no_grad():
         for batch in data.batches(val_idx, vbs, norm):
             for c in conds:
-                b = apply_availability(batch, np.tile(availability(c), (len(batch["y"]), 1)))
+                b = apply_availability(batch, masks(c, batch["ids"], 0))
                 b.pop("x_full")
                 with torch.autocast(device_type="cuda", dtype=torch.float16, enabled=amp):
                     method.predict(batch_to(b, device))

@@ -26,7 +26,7 @@ def load_audio(media: Media, sr: int = 16000, min_seconds: float = MIN_SECONDS) 
     path = Path(media.path)
     if not path.is_file():
         raise ValueError(f"{path}: audio file not found; check the manifest's root and media paths")
-    start, end = _check_segment(media, path)
+    start, end = check_segment(media, path)
     try:
         x, native = _read_soundfile(path, start, end)
     except _NotSoundfile:
@@ -50,7 +50,7 @@ def load_audio(media: Media, sr: int = 16000, min_seconds: float = MIN_SECONDS) 
 def audio_duration(media: Media) -> float:
     """Seconds of audio ``media`` covers (its segment, clipped to the file), read from headers only."""
     path = Path(media.path)
-    start, end = _check_segment(media, path)
+    start, end = check_segment(media, path)
     total = _file_duration(path)
     stop = total if end is None else min(end, total)
     return max(0.0, stop - start)
@@ -66,7 +66,7 @@ def _seg(start: float, end: float | None) -> str:
     return "" if start == 0 and end is None else f" segment [{start:g}, {end if end is not None else 'end'}] s"
 
 
-def _check_segment(media: Media, path: Path) -> tuple[float, float | None]:
+def check_segment(media: Media, path: Path) -> tuple[float, float | None]:
     start = 0.0 if media.start is None else float(media.start)
     end = None if media.end is None else float(media.end)
     if start < 0 or (end is not None and end <= start):

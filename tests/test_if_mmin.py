@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from train.conditions import apply_availability, sample_conditions
+from train.conditions import apply_availability
+from train.protocols import draw
 from train.config import load_config
 from train.methods import build
 from train.methods.if_mmin import CMD_PAIRS, IFMMIN, IFMMINPretrain, cmd, rmse
@@ -40,7 +41,7 @@ def data():
 def train_batch(data, n=16, seed=0) -> dict:
     rng = np.random.default_rng(seed)
     batch = data.collate(np.arange(n))
-    return apply_availability(batch, sample_conditions(n, rng))
+    return apply_availability(batch, draw({"kind": "conditions"}, n, rng))
 
 
 def pretrained(data, seed=1) -> IFMMINPretrain:
@@ -256,7 +257,7 @@ def test_run_trains_pretrain_stage_and_loads_its_checkpoint(tmp_path):
     hist = (pre_ck.parent / "result.json").read_text()
     assert '"cmd"' in hist  # the stage trained with its CMD loss
     m, _, _ = load_checkpoint(next(run.glob("folds/*/seed0/best.pt")))
-    assert isinstance(m, IFMMIN) and bool(m.teacher_ready)
+    assert isinstance(m, IFMMIN) and bool(m.inherited)
     for k, v in pre.encoders.state_dict().items():
         torch.testing.assert_close(m.teacher.state_dict()[k], v)
     for k, v in pre.invariance.state_dict().items():

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from train import conditions as C
+from train import protocols as P
 from train import metrics
 from train.config import ConfigError, list_configs, load_config
 from train.data import MultimodalData, Normalizer
@@ -71,26 +72,27 @@ def test_canonical_names_and_bad_conditions():
     assert C.condition_of([True, False, True]) == "at"
 
 
-def test_samplers_are_seeded_and_keep_a_modality():
-    a1 = C.sample_conditions(600, np.random.default_rng(5))
-    a2 = C.sample_conditions(600, np.random.default_rng(5))
+def test_training_draws_are_seeded_and_keep_a_modality():
+    spec = {"kind": "conditions", "choices": list(C.MISSING_CONDITIONS)}
+    a1 = P.draw(spec, 600, np.random.default_rng(5))
+    a2 = P.draw(spec, 600, np.random.default_rng(5))
     assert np.array_equal(a1, a2)
     names = [C.condition_of(r) for r in a1]
     assert set(names) == set(C.MISSING_CONDITIONS)  # never full, every missing condition drawn
     counts = np.array([names.count(c) for c in C.MISSING_CONDITIONS])
     assert counts.min() > 60  # uniform: 100 expected each
 
-    r = C.random_missing(2000, 0.7, np.random.default_rng(1))
+    r = P.draw({"kind": "missing-rate", "rate": 0.5}, 2000, np.random.default_rng(1))
     assert r.sum(1).min() >= 1
-    assert np.array_equal(r, C.random_missing(2000, 0.7, np.random.default_rng(1)))
-    assert 0.45 < 1 - r.mean() < 0.7  # realised rate a little below the nominal one
-    assert C.random_missing(50, 0.0, np.random.default_rng(0)).all()  # rate 0 = complete data
+    assert np.array_equal(r, P.draw({"kind": "missing-rate", "rate": 0.5}, 2000, np.random.default_rng(1)))
+    assert abs(P.realised_rate(r) - 0.5) <= 1 / (3 * 2000)  # exact on the batch, to one slot
+    assert P.draw({"kind": "missing-rate", "rate": 0.0}, 50, np.random.default_rng(0)).all()  # MR 0 = complete
 
-    o = C.one_missing(100, 0.3, np.random.default_rng(2))
+    o = P.draw({"kind": "missing-ratio", "ratio": 0.3}, 100, np.random.default_rng(2))
     assert (o.sum(1) == 2).sum() == 30 and (o.sum(1) == 3).sum() == 70
-    assert C.sample_availability({"kind": "full"}, 4, np.random.default_rng(0)).all()
+    assert P.draw({"kind": "full"}, 4, np.random.default_rng(0)).all()
     with pytest.raises(ValueError, match="unknown"):
-        C.sample_availability({"kind": "nope"}, 4, np.random.default_rng(0))
+        P.draw({"kind": "nope"}, 4, np.random.default_rng(0))
 
 
 def test_reversed_input_is_missing_real_available_zeroed(data):
@@ -198,7 +200,7 @@ def test_mmin_sizes_and_attach(data):
     m.train()
     assert not m.teacher.training  # the frozen teacher's dropout stays off
     fresh = build(load_config("mmin"), data.spec)
-    with pytest.raises(RuntimeError, match="teacher"):
+    with pytest.raises(RuntimeError, match="never loaded"):
         fresh.loss(C.apply_availability(_batch(data), np.ones((8, 3), bool)))
 
 
@@ -226,7 +228,7 @@ def test_mmin_loss_composition(data, w):
     # and swamps the cycle target's share that the detach check below measures
     m, _ = _mmin(data, **{"loss.ce": w[0], "loss.forward": w[1], "loss.cycle": w[2], "model.init": "default"})
     m.eval()  # no dropout, so the hand computation sees the same forward pass
-    b = C.apply_availability(_batch(data), C.sample_conditions(8, np.random.default_rng(0)))
+    b = C.apply_availability(_batch(data), P.draw({"kind": "conditions"}, 8, np.random.default_rng(0)))
     total, parts = m.loss(b)
     with torch.no_grad():
         h = m.encoders.fuse(m.encoders(b["x"], b["lengths"]))
@@ -268,7 +270,7 @@ def test_mmin_loss_composition(data, w):
 def test_mmin_ablation_switches(data):
     nc, _ = _mmin(data, **{"loss.cycle": 0.0})
     assert nc.imagine_back is None
-    _, parts = nc.loss(C.apply_availability(_batch(data), C.sample_conditions(8, np.random.default_rng(0))))
+    _, parts = nc.loss(C.apply_availability(_batch(data), P.draw({"kind": "conditions"}, 8, np.random.default_rng(0))))
     assert set(parts) == {"ce", "forward"}
     ae = build(load_config("mmin-ae"), data.spec)
     assert isinstance(ae.imagine, PlainAE) and ae.imagine.latent_dim == 256

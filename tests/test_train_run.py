@@ -202,7 +202,7 @@ def test_mmin_builds_on_the_baseline_of_the_same_fold(runs):
     pre, _, _ = load_checkpoint(out["mmin"] / "prereq" / "baseline" / "f1" / "seed0" / "best.pt")
     assert all(torch.equal(a, b) for a, b in zip(base.state_dict().values(), pre.state_dict().values()))
     mmin, norm, cfg = load_checkpoint(out["mmin"] / "folds" / "f1" / "seed0" / "best.pt")
-    assert cfg["name"] == "mmin" and bool(mmin.teacher_ready)
+    assert cfg["name"] == "mmin" and bool(mmin.inherited)
     for k, v in base.encoders.state_dict().items():  # the teacher is the frozen baseline encoders
         assert torch.equal(mmin.teacher.state_dict()[k], v)
     # its normaliser came from the training ids of that fold only

@@ -29,6 +29,26 @@ def list_configs() -> list[str]:
     return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml") if not p.stem.startswith("_"))
 
 
+def catalog() -> dict[str, dict]:
+    """{config: {"order": int, "demo": bool}} from each config file's own ``report:`` section (not
+    inherited: an ablation does not join the demo because its method does). Report tables list
+    methods by ``order`` (then name); ``imer demo`` trains those with ``demo: true``."""
+    out = {}
+    for name in list_configs():
+        try:
+            doc = yaml.safe_load(config_path(name).read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{config_path(name)}: not valid YAML ({e})") from None
+        rep = doc.get("report") or {}
+        out[name] = {"order": int(rep.get("order", 1000)), "demo": bool(rep.get("demo", False))}
+    return out
+
+
+def report_order(names) -> list[str]:
+    cat = catalog()
+    return sorted(names, key=lambda n: (cat.get(n, {}).get("order", 1000), n))
+
+
 def deep_merge(base: dict, over: dict) -> dict:
     """Child values win; nested mappings merge, except that a component spec naming a different
     ``name`` or ``kind`` (another extractor, another encoder) replaces the old one whole, so no
@@ -89,6 +109,7 @@ def load_config(name: str, dataset: str | None = None, overrides: dict | None = 
     overrides applied, then ``overrides`` ({dotted key: value}). ``cfg["name"]`` is the config
     name, ``cfg["method"]`` the method class in ``train/methods`` (defaults to the name)."""
     cfg = _read(name)
+    cfg.pop("report", None)  # catalogue entry of the file, see catalog()
     per_dataset = cfg.pop("datasets", None) or {}
     if dataset and dataset not in per_dataset:
         from manifests.datasets import corpus_of

@@ -8,6 +8,10 @@ Denseface convention), so every encoder sees at least one step.
 Sequences are held in memory as one concatenated (F, D) array + offsets per modality (the
 feature stores' own layout); a store too large for the memory budget is read per batch instead.
 Normalisation statistics come from the training fold only (``Normalizer.fit(data, train_idx)``).
+Non-finite frames (NaN/Inf in a store) are invalid frames, handled by ``data.invalid_frames``
+like frames without a face, and the utterances are named in a warning: no NaN reaches a model.
+``data.resample_to: T`` gives every modality T frames (linear interpolation), ``data.target``
+the task (``train.targets``).
 
 A batch is a dict::
 
@@ -165,7 +169,7 @@ class MultimodalData:
 
     def __init__(self, ids: list[str], y, seqs: dict[str, Sequences], labels: list[str] | None = None,
                  task: str = "classification", signature: str | None = None, max_len: dict | None = None,
-                 fixed_len: bool = False):
+                 fixed_len: bool = False, resample_to: int | None = None):
         self.ids = list(ids)
         self.index = {u: i for i, u in enumerate(self.ids)}
         if len(self.index) != len(self.ids):
@@ -184,6 +188,7 @@ class MultimodalData:
             raise DataError(f"class indices must lie in [0, {len(labels)}); got {self.y.min()}..{self.y.max()}")
         self.max_len = {m: int(v) for m, v in (max_len or {}).items() if v}
         self.fixed_len = fixed_len
+        self.resample_to = int(resample_to) if resample_to else None
         self.signature = signature or self._content_signature()
         self.access_log: list[np.ndarray] | None = None  # set to [] to record every collated row
 
@@ -198,28 +203,29 @@ class MultimodalData:
         out = {}
         for m in MODALITIES:
             lst = list(seqs[m])
-            if masks and masks.get(m) is not None:
-                lst = [_apply_mask(s, k, invalid_frames) for s, k in zip(lst, masks[m])]
+            mk = (masks or {}).get(m)
+            lst = [apply_mask(None if x is None else np.asarray(x, np.float32), None if mk is None else mk[j],
+                              invalid_frames) for j, x in enumerate(lst)]
             out[m] = Sequences.from_list(lst, (dims or {}).get(m))
         return cls(ids, y, out, labels=labels, task=task, **kw)
 
     @classmethod
     def from_stores(cls, manifest, stores: dict, *, invalid_frames: str = "drop",
-                    memory_budget: int | None = None, **kw) -> "MultimodalData":
-        """One row per labelled manifest utterance; ``stores`` maps "audio"/"video"/"text" (or
-        "a"/"v"/"t") to feature stores (``.load() -> LoadedStore``, ``store[id]``, ``.mask(id)``,
-        ``.failures()``). Utterances absent from a store, failed, or without a valid frame get
-        that modality marked missing; they are never dropped."""
-        classification = manifest.labels is not None
-        utts = [u for u in manifest if (u.label_index is not None if classification else u.value is not None)]
+                    memory_budget: int | None = None, target: dict | None = None, **kw) -> "MultimodalData":
+        """One row per manifest utterance that has a target (``target``: see ``train.targets``);
+        ``stores`` maps "audio"/"video"/"text" (or "a"/"v"/"t") to feature stores (``.load() ->
+        LoadedStore``, ``store[id]``, ``.mask(id)``, ``.failures()``). Utterances absent from a
+        store, failed, or without a valid frame get that modality marked missing; never dropped."""
+        from train.targets import derive
+
+        utts, y, labels, task = derive(list(manifest), manifest.labels, target)
         skipped = len(manifest) - len(utts)
         if skipped:
             warnings.warn(f"{manifest.path or manifest.dataset}: {skipped} utterance(s) without a "
-                          f"{'label' if classification else 'value'} are left out of training", stacklevel=2)
+                          f"{'label' if task == 'classification' else 'value'} for this task are left out", stacklevel=2)
         if not utts:
             raise DataError(f"{manifest.path or manifest.dataset}: no labelled utterance to train on")
         ids = [u.id for u in utts]
-        y = [u.label_index if classification else u.value for u in utts]
         budget = memory_budget if memory_budget is not None else _default_budget()
         seqs, keys = {}, {}
         for m in MODALITIES:
@@ -231,10 +237,9 @@ class MultimodalData:
             budget -= seqs[m].nbytes() if seqs[m].in_memory else 0
             attrs = _attrs(store)
             keys[m] = attrs.get("key") or attrs.get("name") or str(getattr(store, "path", ""))
-        sig = _hash({"ids": ids, "features": keys, "invalid_frames": invalid_frames,
+        sig = _hash({"ids": ids, "features": keys, "invalid_frames": invalid_frames, "y": [float(v) for v in y],
                      "counts": {m: int(s.lengths.sum()) for m, s in seqs.items()}})
-        return cls(ids, y, seqs, labels=list(manifest.labels) if classification else None,
-                   task="classification" if classification else "regression", signature=sig, **kw)
+        return cls(ids, y, seqs, labels=labels, task=task, signature=sig, **kw)
 
     def _content_signature(self) -> str:
         h = hashlib.blake2b(digest_size=12)
@@ -284,22 +289,15 @@ class MultimodalData:
             cap = self.max_len.get(m)
             if cap:
                 ln = np.minimum(ln, cap)
-            eff = np.maximum(ln, 1)  # an absent modality is one zero frame
-            T = cap if (cap and self.fixed_len) else int(eff.max()) if len(idx) else 1
-            t = np.arange(T)
-            valid = t[None, :] < ln[:, None]
-            if s.in_memory and len(s.data):
-                rows = np.where(valid, s.offsets[idx][:, None] + t[None, :], 0)
-                arr = s.data[rows]  # (B, T, D) gather, no copy of the whole store
-                arr *= valid[..., None]
+            if self.resample_to:
+                arr, valid = self._resampled(s, idx, ln)
+                ln = np.where(ln > 0, self.resample_to, 0)
             else:
-                arr = np.zeros((len(idx), T, s.dim), np.float32)
-                for b, i in enumerate(idx):
-                    if ln[b]:
-                        arr[b, : ln[b]] = s.seq(i)[: ln[b]]
+                arr, valid = self._padded(s, idx, ln, cap)
+            eff = np.maximum(ln, 1)  # an absent modality is one zero frame
             if normalizer is not None and m in normalizer.mean:
                 arr = (arr - normalizer.mean[m]) / normalizer.std[m]
-                arr *= valid[..., None]  # padding and absent frames stay exactly zero
+            arr = np.where(valid[..., None], arr, 0)  # padding and absent frames exactly zero (selection)
             x[m] = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
             lengths[m] = torch.from_numpy(eff.astype(np.int64))
             fmask[m] = torch.from_numpy(valid)
@@ -307,6 +305,38 @@ class MultimodalData:
         return {"x": x, "lengths": lengths, "frame_mask": fmask, "natural": natural,
                 "present": natural.clone(), "y": torch.from_numpy(self.y[idx]),
                 "index": torch.from_numpy(idx), "ids": [self.ids[i] for i in idx]}
+
+    def _padded(self, s: Sequences, idx, ln, cap):
+        T = cap if (cap and self.fixed_len) else int(np.maximum(ln, 1).max()) if len(idx) else 1
+        t = np.arange(T)
+        valid = t[None, :] < ln[:, None]
+        if s.in_memory and len(s.data):
+            rows = np.where(valid, s.offsets[idx][:, None] + t[None, :], 0)
+            return s.data[rows], valid  # (B, T, D) gather, no copy of the whole store
+        arr = np.zeros((len(idx), T, s.dim), np.float32)
+        for b, i in enumerate(idx):
+            if ln[b]:
+                arr[b, : ln[b]] = s.seq(i)[: ln[b]]
+        return arr, valid
+
+    def _resampled(self, s: Sequences, idx, ln):
+        """Every present sequence linearly interpolated to ``resample_to`` frames."""
+        T = self.resample_to
+        pos = np.maximum(ln - 1, 0)[:, None] * np.linspace(0.0, 1.0, T)[None, :]  # (B, T)
+        lo = np.floor(pos).astype(np.int64)
+        hi = np.minimum(lo + 1, np.maximum(ln - 1, 0)[:, None])
+        w = (pos - lo)[..., None].astype(np.float32)
+        valid = np.repeat((ln > 0)[:, None], T, axis=1)
+        if s.in_memory and len(s.data):
+            base = s.offsets[idx][:, None]
+            lo_r, hi_r = np.where(valid, base + lo, 0), np.where(valid, base + hi, 0)
+            return s.data[lo_r] * (1 - w) + s.data[hi_r] * w, valid
+        arr = np.zeros((len(idx), T, s.dim), np.float32)
+        for b, i in enumerate(idx):
+            if ln[b]:
+                x = s.seq(i)[: ln[b]]
+                arr[b] = x[lo[b]] * (1 - w[b]) + x[hi[b]] * w[b]
+        return arr, valid
 
     def batches(self, idx, batch_size: int, normalizer: Normalizer | None = None,
                 rng: np.random.Generator | None = None, drop_last: bool = False):
@@ -338,15 +368,35 @@ def batch_to(batch: dict, device) -> dict:
 
 # ---- helpers ---------------------------------------------------------------------------------------
 
-def _apply_mask(seq, mask, invalid_frames: str):
-    if seq is None or mask is None:
+def apply_mask(seq, mask, invalid_frames: str):
+    """Frames of ``seq`` whose ``mask`` is False (no face; non-finite values) dropped or zeroed."""
+    if seq is None:
         return seq
-    mask = np.asarray(mask, dtype=bool)
+    finite = np.isfinite(seq).all(1) if len(seq) else np.ones(0, bool)
+    mask = finite if mask is None else np.asarray(mask, dtype=bool) & finite
+    if mask.all():
+        return seq
     if invalid_frames == "drop":
         return seq[mask]
     if invalid_frames == "zero":
         return np.where(mask[:, None], seq, 0).astype(np.float32) if mask.any() else seq[:0]
     raise DataError(f"data.invalid_frames must be 'drop' or 'zero', got {invalid_frames!r}")
+
+
+def _finite_mask(data, mask, ids, offsets, lengths, store):
+    """``mask`` with non-finite frames marked invalid (and zeroed in ``data``, so no gather ever
+    reads them); the utterances concerned are named in a warning."""
+    bad = ~np.isfinite(data).all(1)
+    if not bad.any():
+        return mask
+    data[bad] = 0.0
+    rows = np.flatnonzero(bad)
+    utt = np.searchsorted(offsets + lengths, rows, side="right")
+    names = sorted({ids[i] for i in utt if i < len(ids)})
+    warnings.warn(f"{getattr(store, 'path', 'a feature store')}: {len(rows)} non-finite frame(s) in "
+                  f"{len(names)} utterance(s) (first: {names[0]!r}) are treated as invalid frames "
+                  "(data.invalid_frames); re-extract them to recover", stacklevel=3)
+    return ~bad if mask is None else mask & ~bad
 
 
 def _hash(obj) -> str:
@@ -396,7 +446,10 @@ def _sequences_from_store(store, ids: list[str], invalid_frames: str, budget: in
         ld = store.load()
         dim = int(ld.attrs.get("dim", dim) if getattr(ld, "attrs", None) else dim) or ld.data.shape[1]
         data, offsets, lengths = np.asarray(ld.data, np.float32), np.asarray(ld.offsets), np.asarray(ld.lengths)
+        if not data.flags.writeable:
+            data = data.copy()
         mask = None if ld.mask is None else np.asarray(ld.mask, bool)
+        mask = _finite_mask(data, mask, ld.ids, offsets, lengths, store)
         if mask is not None and invalid_frames == "zero":
             data = np.where(mask[:, None], data, 0).astype(np.float32)
             # keep the frames, but an utterance with no valid frame at all is absent
@@ -421,6 +474,6 @@ def _sequences_from_store(store, ids: list[str], invalid_frames: str, budget: in
 
     def reader(i: int, _ids=ids, _store=store) -> np.ndarray:
         x = np.asarray(_store[_ids[i]], np.float32)
-        return _apply_mask(x, _store.mask(_ids[i]), invalid_frames)
+        return apply_mask(x, _store.mask(_ids[i]), invalid_frames)
 
     return Sequences(None, np.zeros(len(ids), np.int64), lengths, dim, reader=reader)

@@ -15,7 +15,7 @@ import numpy as np
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score, mean_absolute_error
 
 CLASSIFICATION = ("wa", "ua", "f1")
-REGRESSION = ("acc2", "f1", "acc7", "mae")
+REGRESSION = ("acc2", "acc2_has0", "f1", "acc7", "mae", "corr")
 LOWER_IS_BETTER = {"mae", "loss"}
 NAMES = {"wa": "WA", "ua": "UA", "f1": "F1", "acc2": "ACC2", "acc2_has0": "ACC2 (≥0)", "f1_has0": "F1 (≥0)",
          "acc7": "ACC7", "acc3": "ACC3", "mae": "MAE", "corr": "Corr"}

@@ -224,3 +224,25 @@ def make_imagination(in_dim: int, cfg: dict) -> nn.Module:
     if kind == "ae":
         return PlainAE(in_dim, **c)
     raise ValueError(f"imagination kind {kind!r} unknown; use cra or ae")
+
+
+# ---- attention masks ---------------------------------------------------------------------------
+
+def modality_valid(batch: dict, m: str) -> torch.Tensor:
+    """(B, T) bool: real, valid frames of modality ``m`` that the sample keeps (frame mask AND
+    natural presence AND availability under the missing condition)."""
+    i = MODALITIES.index(m)
+    fm = batch["frame_mask"][m].to(batch["present"].device)
+    return fm & batch["present"][:, i:i + 1]
+
+
+def key_padding_mask(valid: torch.Tensor) -> torch.Tensor:
+    """``key_padding_mask`` for nn.MultiheadAttention (True = ignore) from (B, T) validity. A row
+    with no valid key (a missing modality) keeps its first key, a zero frame, so softmax never
+    sees an all-masked row (which gives NaN); the caller decides what that row's output means."""
+    ignore = ~valid.bool()
+    empty = ignore.all(1)
+    if empty.any():
+        ignore = ignore.clone()
+        ignore[empty, 0] = False
+    return ignore

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from train.conditions import MODALITIES
-from train.data import STORE_MODALITY, MultimodalData, Sequences, _apply_mask
+from train.data import STORE_MODALITY, MultimodalData, Sequences, apply_mask
 
 
 class PredictError(ValueError):
@@ -80,7 +80,7 @@ def extract_inputs(features: dict, inputs: dict, dims: dict, invalid_frames: str
             x = np.asarray(store["input"], np.float32)
             if x.shape[1] != dims[m]:
                 raise PredictError(f"{ext.name} gives {x.shape[1]}-d features, the run was trained on {dims[m]}-d")
-            out[m] = _apply_mask(x, np.asarray(store.mask("input"), bool), invalid_frames)
+            out[m] = apply_mask(x, np.asarray(store.mask("input"), bool), invalid_frames)
     finally:
         shutil.rmtree(cache_root() / "stores" / dataset, ignore_errors=True)
     return out
@@ -107,7 +107,8 @@ def predict_features(run_dir: Path, seqs: dict, fold: str | None = None, device:
         data = MultimodalData(["input"], [0 if task == "classification" else 0.0],
                               {m: Sequences.from_list([seqs.get(m)], spec.dims[m]) for m in MODALITIES},
                               labels=labels, task=task, max_len=cfg.get("data", {}).get("max_len"),
-                              fixed_len=bool(cfg.get("data", {}).get("fixed_len")))
+                              fixed_len=bool(cfg.get("data", {}).get("fixed_len")),
+                              resample_to=cfg.get("data", {}).get("resample_to"))
         res = evaluate(method, data, [0], [cond], norm, 1, device)
         o = torch.from_numpy(res[cond]["out"][0])
         outs.append(torch.softmax(o, -1).numpy() if task == "classification" else o.numpy())

@@ -1,60 +1,143 @@
-"""Every trained method of a dataset side by side: the latest complete run of each method in one
-Table-5-style Markdown table (``results/<dataset>/report.md``) and one bar chart (``report.png``)."""
+"""Every trained method of a dataset side by side: the latest complete run of each method in
+Table-5-style Markdown tables (``results/<dataset>/report.md``) and bar charts (``report.png``).
+
+Only comparable runs share a table: runs are grouped by what their numbers depend on besides the
+method (features, fold protocol, folds, seeds, task and labels). ``methods=`` asks for one table of
+the named methods and refuses, in one line, runs that differ.
+"""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+import yaml
+
+from train.config import report_order
 from train.metrics import NAMES
 from train.results import collect, markdown_table, plot_conditions, summarize
-from train.run import _safe, newest_complete, read_runs, results_root
+from train.run import eval_columns, newest_complete, read_runs, results_root, safe_name
 
-# Report order: the paper's rows first, then anything else alphabetically.
-ORDER = ["baseline", "baseline-aug", "mmin", "mmin-ae", "mmin-nocycle", "if-mmin"]
+
+class ReportError(ValueError):
+    """Runs that cannot be put in one table; the message says what differs."""
 
 
 def latest_runs(dataset: str, results_dir=None) -> dict[str, Path]:
     """{method: run directory} of the newest complete run of every method trained on ``dataset``."""
-    root = results_root(results_dir) / _safe(dataset)
+    root = results_root(results_dir) / safe_name(dataset)
     by_method: dict[str, list] = {}
     for d, meta in read_runs(root, "*/*/run.json"):
         by_method.setdefault(meta.get("method") or d.parent.name, []).append((d, meta))
     runs = {m: newest_complete(rs) for m, rs in by_method.items()}
-    runs = {m: d for m, d in runs.items() if d is not None}
-    order = {m: i for i, m in enumerate(ORDER)}
-    return {m: runs[m] for m in sorted(runs, key=lambda m: (order.get(m, len(ORDER)), m))}
+    return {m: runs[m] for m in report_order([m for m, d in runs.items() if d is not None])}
 
 
-def report(dataset: str, results_dir=None, write: bool = True) -> str:
-    """The side-by-side table (Markdown) of every method's latest complete run on ``dataset``;
-    also writes report.md and report.png next to the method folders when ``write``."""
+def comparability(meta: dict) -> dict:
+    """What a run's numbers depend on besides the method: two runs share a table only if equal."""
+    feats = meta.get("features") or {}
+    return {"features": {m: (f or {}).get("key") or (f or {}).get("name") for m, f in sorted(feats.items())},
+            "fold protocol": meta.get("protocol"), "folds": meta.get("folds"), "seeds": meta.get("seeds"),
+            "task": meta.get("task"), "labels": meta.get("labels")}
+
+
+def describe(key: dict) -> str:
+    feats = ", ".join(f"{m} {k}" for m, k in key["features"].items())
+    folds = key["folds"] or []
+    return (f"features {feats or '?'}; folds {key['fold protocol']} ({len(folds)}: {', '.join(map(str, folds))}); "
+            f"seeds {', '.join(map(str, key['seeds'] or []))}; task {key['task']}")
+
+
+def differences(a: dict, b: dict) -> list[str]:
+    return [k for k in a if a[k] != b[k]]
+
+
+def _load(run_dir: Path) -> tuple[dict, dict]:
+    meta = json.loads((run_dir / "run.json").read_text())
+    cfg_path = run_dir / "config.yaml"
+    cfg = yaml.safe_load(cfg_path.read_text()) if cfg_path.is_file() else {}
+    return meta, cfg or {}
+
+
+def grouped(runs: dict[str, Path]) -> list[tuple[dict, dict[str, Path]]]:
+    """[(comparability key, {method: run})] in order of first appearance."""
+    out: list[tuple[dict, dict[str, Path]]] = []
+    for method, d in runs.items():
+        key = comparability(_load(d)[0])
+        for k, members in out:
+            if k == key:
+                members[method] = d
+                break
+        else:
+            out.append((key, {method: d}))
+    return out
+
+
+def report(dataset: str, results_dir=None, write: bool = True, methods=None) -> str:
+    """The side-by-side tables (Markdown) of every method's latest complete run on ``dataset``,
+    one per group of comparable runs; also writes report.md and report[-N].png when ``write``."""
     runs = latest_runs(dataset, results_dir)
-    root = results_root(results_dir) / _safe(dataset)
+    root = results_root(results_dir) / safe_name(dataset)
+    if methods:
+        missing = [m for m in methods if m not in runs]
+        if missing:
+            raise ReportError(f"no complete run of {', '.join(missing)} on {dataset!r} under {root}; "
+                              f"train it first: imer train --dataset {dataset} --method {missing[0]}")
+        runs = {m: runs[m] for m in methods}
     if not runs:
         return (f"No complete training run for dataset {dataset!r} under {root}; "
                 f"train one first: imer train --dataset {dataset} --method baseline")
+    groups = grouped(runs)
+    if methods and len(groups) > 1:
+        (k0, g0), (k1, g1) = groups[0], groups[1]
+        what = "; ".join(f"{w}: {k0[w]} ({next(iter(g0))}) vs {k1[w]} ({next(iter(g1))})" for w in differences(k0, k1))
+        raise ReportError(f"cannot put these runs in one table, they differ in {what}; retrain one of them "
+                          "with the other's settings (imer train ... --set / --folds / --seeds)")
+    out, doc = [], [f"# {dataset}: every method's latest run", "",
+                    "Test results, mean ± std over folds × seeds; each condition keeps the listed modalities; "
+                    "Average = mean of the six missing-modality conditions (MR / η average: of the nonzero "
+                    "rates / ratios). Only runs with the same features, folds, seeds and task share a table.", ""]
+    for gi, (key, members) in enumerate(groups):
+        rows, notes, metric, task = _group_rows(members)
+        table = markdown_table(rows, task)
+        head = describe(key)
+        out += ([f"## {head}", ""] if len(groups) > 1 else []) + [table, "", *notes, ""]
+        doc += [f"## {head}", "", table, "", *notes, ""]
+        if write:
+            png = root / ("report.png" if gi == 0 else f"report-{gi + 1}.png")
+            plot_conditions(rows, task, png,
+                            f"{dataset}: test {NAMES.get(metric, '')} per condition", metrics=[metric] if metric else None)
+    if write:
+        (root / "report.md").write_text("\n".join(doc))
+    return "\n".join(out).rstrip() + "\n"
+
+
+def _group_rows(members: dict[str, Path]):
+    """({method: summary}, notes, selection metric, task) of one group of comparable runs."""
     rows, notes, task, select = {}, [], "classification", None
-    for method, run_dir in runs.items():
-        meta = json.loads((run_dir / "run.json").read_text())
+    for method, d in members.items():
+        meta, cfg = _load(d)
         task = meta.get("task", task)
-        results = collect(run_dir)
+        results = collect(d, eval_columns(cfg) if cfg else None)
         if not results:
             continue
         select = select or results[0].get("select_metric")
         rows[method] = summarize(results, task)
-        folds = sorted({r["fold"] for r in results})
-        seeds = sorted({r["seed"] for r in results})
-        notes.append(f"- `{method}`: run `{run_dir.name}`, {len(results)} fold × seed run(s) "
-                     f"({len(folds)} fold(s), seeds {', '.join(map(str, seeds))}), "
+        notes.append(f"- `{method}`: run `{d.name}`, {len(results)} fold × seed run(s), "
                      f"selected on validation {results[0].get('select_metric')}")
-    table = markdown_table(rows, task)
-    if write:
-        doc = [f"# {dataset}: every method's latest run", "",
-               "Test results, mean ± std over folds × seeds; each condition keeps the listed modalities; "
-               "Average = mean of the six missing-modality conditions.", "", table, "", *notes, ""]
-        (root / "report.md").write_text("\n".join(doc))
-        metric = select if select in ("ua", "wa", "f1", "acc2", "mae") else None
-        plot_conditions(rows, task, root / "report.png", f"{dataset}: test {NAMES.get(metric, '')} per condition",
-                        metrics=[metric] if metric else None)
-    return table + "\n\n" + "\n".join(notes)
+    metric = select if select in ("ua", "wa", "f1", "acc2", "mae") else None
+    return rows, notes, metric, task
+
+
+def update_block(path, block: str, text: str) -> None:
+    """Replace the lines between ``<!-- report:<block> -->`` and ``<!-- /report -->`` in the
+    Markdown file ``path`` with ``text``: README tables are pasted by this, never by hand."""
+    p = Path(path)
+    doc = p.read_text()
+    start, end = f"<!-- report:{block} -->", "<!-- /report -->"
+    i = doc.find(start)
+    j = doc.find(end, i + len(start)) if i >= 0 else -1
+    if i < 0 or j < 0:
+        raise ReportError(f"{p}: no '{start}' ... '{end}' block to update; add the two marker lines where "
+                          "the table belongs")
+    p.write_text(doc[: i + len(start)] + "\n" + text.rstrip() + "\n" + doc[j:])

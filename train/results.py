@@ -1,5 +1,6 @@
-"""Run outputs: per fold / seed / condition metrics (JSON, CSV), a Markdown table laid out like
-MMIN's Table 5 (mean ± std over folds x seeds), training curves and a per-condition bar chart."""
+"""Run outputs: per fold / seed / test column metrics (JSON, CSV), Markdown tables laid out like
+MMIN's Table 5 (mean ± std over folds x seeds; one table per protocol, its columns and average
+from ``train.protocols``), training curves and a per-column bar chart."""
 
 from __future__ import annotations
 
@@ -8,20 +9,34 @@ from pathlib import Path
 
 import numpy as np
 
-from train.conditions import MISSING_CONDITIONS
+from train import protocols
 from train.metrics import NAMES, table_metrics
 
-AVERAGE = "average"  # mean over the six missing conditions, taken per fold x seed first
-COLUMNS = [*MISSING_CONDITIONS, AVERAGE, "avt"]
+AVERAGE = protocols.AVERAGE[protocols.FIXED]  # mean over the six missing conditions, per fold x seed first
 
 
-def column_title(c: str) -> str:
-    return "Average" if c == AVERAGE else "{" + ",".join(c) + "}"
+def collect(run_dir: Path, columns=None) -> list[dict]:
+    """Every finished fold x seed result of a run (``folds/<fold>/seed<s>/result.json``); with
+    ``columns``, each result's test metrics are cut to those columns (a reused model may carry
+    columns another run evaluated)."""
+    out = [json.loads(p.read_text()) for p in sorted(Path(run_dir).glob("folds/*/seed*/result.json"))]
+    if columns is not None:
+        keep = set(columns)
+        for r in out:
+            r["test"] = {c: m for c, m in r["test"].items() if c in keep}
+    return out
 
 
-def collect(run_dir: Path) -> list[dict]:
-    """Every finished fold x seed result of a run (``folds/<fold>/seed<s>/result.json``)."""
-    return [json.loads(p.read_text()) for p in sorted(Path(run_dir).glob("folds/*/seed*/result.json"))]
+def table_columns(results: list[dict]) -> list[tuple[str, list[str]]]:
+    """(protocol, columns) groups of the test columns every result has."""
+    if not results:
+        return []
+    common = set(results[0]["test"]).intersection(*(r["test"] for r in results[1:]))
+    return protocols.groups(sorted(common))
+
+
+def flat_columns(groups) -> list[str]:
+    return [c for _, cols in groups for c in cols]
 
 
 def records(results: list[dict]) -> list[dict]:
@@ -34,17 +49,20 @@ def records(results: list[dict]) -> list[dict]:
 
 
 def summarize(results: list[dict], task: str) -> dict:
-    """{metric: {column: (mean, std, n)}} over fold x seed runs; std is the sample std (0 for one run)."""
+    """{metric: {column: (mean, std, n)}} over fold x seed runs; std is the sample std (0 for one
+    run). Averages (of the six missing conditions, or of the nonzero MR / eta) are taken per run."""
     out: dict = {}
+    columns = flat_columns(table_columns(results))
     for metric in table_metrics(task):
         cols: dict = {}
-        for c in COLUMNS:
+        for c in columns:
             vals = []
             for r in results:
                 t = r["test"]
-                if c == AVERAGE:
-                    if all(k in t for k in MISSING_CONDITIONS):
-                        vals.append(np.mean([t[k][metric] for k in MISSING_CONDITIONS]))
+                if c in protocols.AVERAGE.values():
+                    members = protocols.average_members(c, columns)
+                    if members and all(k in t for k in members):
+                        vals.append(np.mean([t[k][metric] for k in members]))
                 elif c in t:
                     vals.append(t[c][metric])
             vals = np.asarray(vals, float)
@@ -58,15 +76,25 @@ def _cell(v) -> str:
     return "–" if v is None else f"{v[0]:.4f} ± {v[1]:.4f}"
 
 
+def summary_columns(rows: dict[str, dict]) -> list[str]:
+    """Columns of summarize() output, in table order."""
+    cols = {c for summ in rows.values() for m in summ.values() for c in m}
+    return flat_columns(protocols.groups(sorted(cols)))
+
+
 def markdown_table(rows: dict[str, dict], task: str) -> str:
-    """``rows`` = {model name: summarize(...)} -> one Table-5-style Markdown table."""
-    head = ["Model", "Metric", *[column_title(c) for c in COLUMNS]]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for model, summ in rows.items():
-        for metric in table_metrics(task):
-            cells = [_cell(summ.get(metric, {}).get(c)) for c in COLUMNS]
-            lines.append(f"| {model} | {NAMES[metric]} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    """``rows`` = {model name: summarize(...)} -> Table-5-style Markdown, one table per protocol."""
+    columns = summary_columns(rows)
+    tables = []
+    for _, cols in protocols.groups(columns):
+        head = ["Model", "Metric", *[protocols.title(c, columns) for c in cols]]
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for model, summ in rows.items():
+            for metric in table_metrics(task):
+                cells = [_cell(summ.get(metric, {}).get(c)) for c in cols]
+                lines.append(f"| {model} | {NAMES[metric]} | " + " | ".join(cells) + " |")
+        tables.append("\n".join(lines))
+    return "\n\n".join(tables)
 
 
 def override_note(cfg: dict) -> str:
@@ -82,7 +110,9 @@ def write_run_outputs(run_dir: Path, cfg: dict, meta: dict) -> str:
     import pandas as pd
 
     run_dir = Path(run_dir)
-    results = collect(run_dir)
+    from train.run import eval_columns
+
+    results = collect(run_dir, eval_columns(cfg))
     task = meta.get("task", "classification")
     summ = summarize(results, task)
     rows = records(results)
@@ -145,16 +175,17 @@ def plot_conditions(rows: dict[str, dict], task: str, path: Path, title: str, me
 
     metrics = list(metrics or table_metrics(task))
     series = [(model, m) for model in rows for m in metrics]
-    x = np.arange(len(COLUMNS))
+    columns = summary_columns(rows)
+    x = np.arange(len(columns))
     w = 0.8 / max(len(series), 1)
-    fig, ax = plt.subplots(figsize=(max(7, 1.1 * len(COLUMNS) + 0.25 * len(series)), 4))
+    fig, ax = plt.subplots(figsize=(max(7, 1.1 * len(columns) + 0.25 * len(series)), 4))
     for i, (model, m) in enumerate(series):
         cols = rows[model].get(m, {})
-        mean = [cols.get(c, (np.nan, 0, 0))[0] for c in COLUMNS]
-        std = [cols.get(c, (np.nan, 0, 0))[1] for c in COLUMNS]
+        mean = [cols.get(c, (np.nan, 0, 0))[0] for c in columns]
+        std = [cols.get(c, (np.nan, 0, 0))[1] for c in columns]
         label = f"{model} {NAMES[m]}" if len(rows) > 1 else NAMES[m]
         ax.bar(x + (i - (len(series) - 1) / 2) * w, mean, w, yerr=std, capsize=2, label=label)
-    ax.set_xticks(x, [column_title(c) for c in COLUMNS])
+    ax.set_xticks(x, [protocols.title(c, columns) for c in columns], rotation=45 if len(columns) > 10 else 0)
     ax.set(title=title, ylabel="score")
     ax.legend(fontsize=7, ncol=min(len(series), 4))
     fig.tight_layout()

@@ -32,7 +32,7 @@ import yaml
 
 from pipeline.cache import config_hash
 from pipeline.device import torch_threads
-from train import metrics
+from train import metrics, protocols
 from train.config import ConfigError, load_config
 from train.data import MultimodalData, Normalizer
 from train.results import write_run_outputs
@@ -44,7 +44,8 @@ def results_root(root: str | Path | None = None) -> Path:
     return Path(root or os.environ.get("IMER_RESULTS") or "results").expanduser()
 
 
-def _safe(name: str) -> str:
+def safe_name(name: str) -> str:
+    """A file-system-safe form of a dataset, method or fold name."""
     return re.sub(r"[^A-Za-z0-9._-]+", "_", str(name))
 
 
@@ -52,9 +53,18 @@ def _ids_hash(ids) -> str:
     return config_hash(sorted(ids), 16)
 
 
+# Config keys that do not change a trained model: seeds, test columns, catalogue entries.
+DESCRIPTIVE = ("seeds", "dataset_override", "eval", "report")
+
+
+def eval_columns(cfg: dict) -> list[str]:
+    """The test columns of a config (``eval.conditions``), normalised (see train.protocols)."""
+    return [protocols.normalise(c) for c in cfg.get("eval", {}).get("conditions", ["avt"])]
+
+
 def fold_signature(cfg: dict, data: MultimodalData, fold, seed: int) -> str:
     """What a fold x seed model depends on: config (minus descriptive keys), data, split, seed."""
-    c = {k: v for k, v in cfg.items() if k not in ("seeds", "dataset_override", "eval")}
+    c = {k: v for k, v in cfg.items() if k not in DESCRIPTIVE}
     return config_hash({"cfg": c, "data": data.signature, "seed": int(seed),
                         "fold": [fold.name, _ids_hash(fold.train), _ids_hash(fold.val), _ids_hash(fold.test)]}, 20)
 
@@ -109,89 +119,100 @@ class Experiment:
 
     # -- one fold x seed ----------------------------------------------------------------------------
     def run_fold(self, cfg: dict, fold, seed: int, out_dir: Path) -> dict:
+        """Train (or reuse) one fold x seed and evaluate it under every test column of
+        ``cfg["eval"]``; a finished model is only evaluated on the columns it lacks."""
         import torch
 
         from train.methods import build
 
         sig = fold_signature(cfg, self.data, fold, seed)
-        done = out_dir / "result.json"
-        if done.is_file():
-            res = json.loads(done.read_text())
-            if res.get("signature") == sig:
-                return res
+        cols = eval_columns(cfg)
+        res = self.finished(cfg["name"], fold, seed, sig, out_dir)
+        if res is not None and all(c in res["test"] for c in cols):
+            return res
         t0 = time.perf_counter()
         tr = self.data.indices(fold.train, f"fold {fold.name} train")
         va = self.data.indices(fold.val, f"fold {fold.name} val")
         te = self.data.indices(fold.test, f"fold {fold.name} test")
         norm = Normalizer.fit(self.data, tr, cfg.get("data", {}).get("normalize", []))
-        prereqs = {role: self.prerequisite(name, cfg, fold, seed) for role, name in (cfg.get("requires") or {}).items()}
-        torch.manual_seed(seed)
-        np.random.seed(seed)
-        method = build(cfg, self.data.spec)
-        method.attach(prereqs)
-        trainer = Trainer(method, self.data, tr, va, cfg, out_dir, seed=seed, device=self.device, normalizer=norm,
-                          signature=sig, progress=self.progress, callbacks=self.callbacks,
-                          desc=f"{cfg['name']} {fold.name} s{seed}")
-        summary = trainer.fit()
-        # test once, with the weights chosen on validation
-        best, _, _ = load_checkpoint(trainer.best_path, self.device)
-        conds = cfg.get("eval", {}).get("conditions", ["avt"])
+        amp = str(self.device).startswith("cuda") and bool(cfg["train"].get("amp", True))
+        if res is None:
+            prereqs = {role: self.prerequisite(name, cfg, fold, seed) for role, name in (cfg.get("requires") or {}).items()}
+            torch.manual_seed(seed)
+            np.random.seed(seed)
+            method = build(cfg, self.data.spec)
+            method.attach(prereqs)
+            trainer = Trainer(method, self.data, tr, va, cfg, out_dir, seed=seed, device=self.device, normalizer=norm,
+                              signature=sig, progress=self.progress, callbacks=self.callbacks,
+                              desc=f"{cfg['name']} {fold.name} s{seed}")
+            summary = trainer.fit()
+            res = {"fold": fold.name, "seed": int(seed), "method": cfg["name"], "signature": sig,
+                   "best_epoch": summary["best_epoch"], "select_metric": summary["metric"],
+                   "val_score": summary["best_score"], "epochs_run": summary["epochs_run"],
+                   "stopped_early": summary["stopped_early"],
+                   "n": {"train": len(tr), "val": len(va), "test": len(te)},
+                   "test": {}, "val": {}, "history": summary["history"], "time_s": 0.0}
+        # test with the weights chosen on validation, on the columns not evaluated yet
+        best, _, _ = load_checkpoint(out_dir / "best.pt", self.device)
+        todo = [c for c in cols if c not in res["test"]]
         bs = max(int(cfg["train"]["batch_size"]), 256)
-        test = evaluate(best, self.data, te, conds, norm, bs, self.device, trainer.amp)
-        val = evaluate(best, self.data, va, conds, norm, bs, self.device, trainer.amp)
-        np.savez_compressed(out_dir / "predictions.npz", **{
-            f"{c}_{k}": v for c, r in test.items() for k, v in r.items()},
-            ids=np.array([self.data.ids[i] for i in te]))
+        test = evaluate(best, self.data, te, todo, norm, bs, self.device, amp, seed=seed, phase="test")
+        val = evaluate(best, self.data, va, todo, norm, bs, self.device, amp, seed=seed, phase="val")
+        pred_path = out_dir / "predictions.npz"
+        preds = dict(np.load(pred_path)) if pred_path.is_file() else {}
+        preds.update({f"{c}_{k}": v for c, r in test.items() for k, v in r.items()})
+        preds["ids"] = np.array([self.data.ids[i] for i in te])
+        np.savez_compressed(pred_path, **preds)
         task = self.data.task
-        res = {"fold": fold.name, "seed": int(seed), "method": cfg["name"], "signature": sig,
-               "best_epoch": summary["best_epoch"], "select_metric": summary["metric"],
-               "val_score": summary["best_score"], "epochs_run": summary["epochs_run"],
-               "stopped_early": summary["stopped_early"],
-               "n": {"train": len(tr), "val": len(va), "test": len(te)},
-               "test": {c: metrics.compute(task, r["y"], r["out"]) for c, r in test.items()},
-               "val": {c: metrics.compute(task, r["y"], r["out"]) for c, r in val.items()},
-               "history": summary["history"], "time_s": time.perf_counter() - t0}
-        tmp = done.with_suffix(".tmp")
-        tmp.write_text(json.dumps(res, indent=1, default=float))
-        tmp.replace(done)
-        trainer.last_path.unlink(missing_ok=True)  # optimiser state is only needed to resume
+        res["test"].update({c: metrics.compute(task, r["y"], r["out"]) for c, r in test.items()})
+        res.setdefault("realised_mr", {}).update({c: protocols.realised_rate(r["avail"]) for c, r in test.items()})
+        res["val"].update({c: metrics.compute(task, r["y"], r["out"]) for c, r in val.items()})
+        res["time_s"] = res.get("time_s", 0.0) + time.perf_counter() - t0
+        _write_json(out_dir / "result.json", res)
+        (out_dir / "last.pt").unlink(missing_ok=True)  # optimiser state is only needed to resume
         return res
+
+    def finished(self, name: str, fold, seed: int, sig: str, out_dir: Path) -> dict | None:
+        """The result of a finished ``name`` model for this fold and seed: in ``out_dir``, else copied
+        there from an earlier run of ``name`` (or another run's prerequisite) with the same
+        signature; None when none exists."""
+        if not _finished(out_dir, sig):
+            ds, n, fd = safe_name(self.dataset), safe_name(name), safe_name(fold.name)
+            earlier = [*sorted(self.root.glob(f"{ds}/{n}/*/folds/{fd}/seed{seed}"), reverse=True),
+                       *sorted(self.root.glob(f"{ds}/*/*/prereq/{n}/{fd}/seed{seed}"), reverse=True)]
+            src = next((d for d in earlier if d != out_dir and _finished(d, sig)), None)
+            if src is None:
+                return None
+            out_dir.mkdir(parents=True, exist_ok=True)
+            for f in ("best.pt", "result.json", "history.json", "predictions.npz"):
+                if (src / f).is_file():
+                    shutil.copy2(src / f, out_dir / f)
+            self.log(f"  {name} {fold.name} seed {seed}: reusing {src}")
+        return json.loads((out_dir / "result.json").read_text())
 
     # -- prerequisites (MMIN's pretrained baseline) -------------------------------------------------
     def prerequisite(self, name: str, cfg: dict, fold, seed: int):
         """The trained ``name`` model for this fold and seed: from this run's prereq/ folder, else
         copied from an earlier run of ``name`` (or another run's prerequisite) with the same config
         and data, else trained now."""
+        from train.methods import get
+
         # resolved for the same per-dataset settings as the method built on it
         key = (cfg.get("dataset_override") or {}).get("dataset") or self.dataset
-        pcfg = load_config(name, key, self.prereq_overrides.get(name))
-        for key in ("features", "data"):
-            if pcfg.get(key) != cfg.get(key):
-                raise ConfigError(f"train/configs/{name}.yaml: its '{key}' section differs from "
+        po = self.prereq_overrides
+        pcfg = load_config(name, key, {**po.get("*", {}), **po.get(name, {})})
+        for section in ("features", "data"):
+            if pcfg.get(section) != cfg.get(section):
+                raise ConfigError(f"train/configs/{name}.yaml: its '{section}' section differs from "
                                   f"{cfg['name']}'s, but {cfg['name']} builds on it; make them equal")
-        for part in ("encoders", "invariance"):  # the weights the method loads from its prerequisite
+        for part in get(pcfg["method"]).exports:  # the weights the method may load from its prerequisite
             mine, theirs = cfg.get("model", {}).get(part), pcfg.get("model", {}).get(part)
             if mine is not None and theirs is not None and mine != theirs:
                 raise ConfigError(f"train/configs/{name}.yaml: model.{part} differs from {cfg['name']}'s, whose "
                                   f"weights it loads; set the same value for both (--set applies to {cfg['name']} only)")
         sig = fold_signature(pcfg, self.data, fold, seed)
-        pdir = self.run_dir / "prereq" / _safe(name) / _safe(fold.name) / f"seed{seed}"
-        if not _finished(pdir, sig):
-            ds, n, fd = _safe(self.dataset), _safe(name), _safe(fold.name)
-            earlier = [*sorted(self.root.glob(f"{ds}/{n}/*/folds/{fd}/seed{seed}"), reverse=True),
-                       # also what another method's run trained as the same prerequisite
-                       *sorted(self.root.glob(f"{ds}/*/*/prereq/{n}/{fd}/seed{seed}"), reverse=True)]
-            for src in earlier:
-                if src == pdir:
-                    continue
-                if _finished(src, sig):
-                    pdir.mkdir(parents=True, exist_ok=True)
-                    for f in ("best.pt", "result.json", "history.json"):
-                        if (src / f).is_file():
-                            shutil.copy2(src / f, pdir / f)
-                    self.log(f"  {name} {fold.name} seed {seed}: reusing {src}")
-                    break
-        if not _finished(pdir, sig):
+        pdir = self.run_dir / "prereq" / safe_name(name) / safe_name(fold.name) / f"seed{seed}"
+        if self.finished(name, fold, seed, sig, pdir) is None:
             self.log(f"  {name} {fold.name} seed {seed}: training the prerequisite")
             self.run_fold(pcfg, fold, seed, pdir)
         method, _, _ = load_checkpoint(pdir / "best.pt", self.device)
@@ -209,19 +230,34 @@ class Experiment:
         t0 = time.perf_counter()
         for fold in self.folds:
             for seed in seeds:
-                out = self.run_dir / "folds" / _safe(fold.name) / f"seed{seed}"
+                out = self.run_dir / "folds" / safe_name(fold.name) / f"seed{seed}"
                 res = self.run_fold(self.cfg, fold, seed, out)
-                t = res["test"]
-                avg = np.mean([t[c][res["select_metric"]] for c in t if c != "avt"]) if len(t) > 1 else float("nan")
-                full = t.get("avt", {}).get(res["select_metric"], float("nan"))
                 self.log(f"{self.cfg['name']} fold {fold.name} seed {seed}: best epoch {res['best_epoch']} "
-                         f"(val {res['select_metric']} {res['val_score']:.4f}); test {res['select_metric']} "
-                         f"missing-avg {avg:.4f}, full {full:.4f}  [{res['time_s']:.0f} s]")
+                         f"(val {res['select_metric']} {res['val_score']:.4f}); {_test_line(res, self.cfg)}  "
+                         f"[{res['time_s']:.0f} s]")
         table = write_run_outputs(self.run_dir, self.cfg, meta)
         meta.update(status="complete", finished=time.strftime("%Y-%m-%dT%H:%M:%S"),
                     wall_s=meta.get("wall_s", 0) + time.perf_counter() - t0)
         _write_json(self.run_dir / "run.json", meta)
         return table
+
+
+def _test_line(res: dict, cfg: dict) -> str:
+    """'test UA average 0.71, {a,v,t} 0.85' style summary of one fold x seed result."""
+    cols = eval_columns(cfg)
+    t = {c: res["test"][c] for c in cols if c in res["test"]}
+    some = next(iter(t.values()), {})
+    metric = res["select_metric"] if res["select_metric"] in some else ("ua" if "ua" in some else "mae")
+    parts = []
+    for _, group in protocols.groups(cols):
+        for c in group:
+            if c in protocols.AVERAGE.values():
+                vals = [t[k][metric] for k in protocols.average_members(c, cols) if k in t]
+                if vals:
+                    parts.append(f"{protocols.title(c, cols)} {np.mean(vals):.4f}")
+            elif c == "avt" or len(group) <= 2:
+                parts.append(f"{protocols.title(c)} {t[c][metric]:.4f}")
+    return f"test {metric} " + ", ".join(parts)
 
 
 def _finished(d: Path, sig: str) -> bool:
@@ -273,13 +309,13 @@ def run_experiment(data: MultimodalData, folds: list, cfg: dict, *, dataset: str
     folds = select_folds(folds, fold_select)
     seeds = parse_seeds(seeds) or [int(s) for s in cfg.get("seeds", [0])]
     root = results_root(results_dir)
-    method_dir = root / _safe(dataset) / _safe(cfg["name"])
-    cfg_hash = config_hash({k: v for k, v in cfg.items() if k != "seeds"}, 12)
+    method_dir = root / safe_name(dataset) / safe_name(cfg["name"])
+    cfg_hash = config_hash({k: v for k, v in cfg.items() if k not in ("seeds", "report")}, 12)
     match = {"config_hash": cfg_hash, "data_signature": data.signature,
              "folds": [f.name for f in folds], "seeds": seeds}
     run_dir = None
     if run_id:
-        run_dir = method_dir / _safe(run_id)
+        run_dir = method_dir / safe_name(run_id)
     elif resume:
         run_dir = find_run(method_dir, match)
         if run_dir is not None:
@@ -339,7 +375,8 @@ def build_data(manifest, stores: dict, cfg: dict) -> MultimodalData:
     if d.get("invalid_frames", "drop") not in ("drop", "zero"):
         raise ConfigError(f"data.invalid_frames must be drop or zero, got {d['invalid_frames']!r}")
     return MultimodalData.from_stores(manifest, stores, invalid_frames=d.get("invalid_frames", "drop"),
-                                      max_len=d.get("max_len"), fixed_len=bool(d.get("fixed_len")))
+                                      max_len=d.get("max_len"), fixed_len=bool(d.get("fixed_len")),
+                                      resample_to=d.get("resample_to"), target=d.get("target"))
 
 
 def train_method(dataset: str, method: str, folds=None, seeds=None, device: str = "auto", *,
@@ -354,6 +391,7 @@ def train_method(dataset: str, method: str, folds=None, seeds=None, device: str 
     from pipeline.device import resolve_device
 
     cfg = load_config(method, dataset, overrides)
+    prereq_overrides = prerequisite_overrides(overrides, prereq_overrides)
     dev = resolve_device(device)
     man = load_manifest(dataset, data_root=data_root, manifest=manifest)
     proto, fold_list = load_folds(dataset, protocol)
@@ -365,6 +403,13 @@ def train_method(dataset: str, method: str, folds=None, seeds=None, device: str 
         return run_experiment(data, fold_list, cfg, dataset=dataset, fold_select=folds, seeds=seeds, device=dev,
                               results_dir=results_dir, run_id=run_id, resume=resume, meta=meta,
                               prereq_overrides=prereq_overrides, progress=progress, log=log)
+
+
+def prerequisite_overrides(overrides: dict | None, per_prereq: dict | None = None) -> dict:
+    """Overrides for prerequisites: ``features.*`` and ``data.*`` reach every one ("*"), since a
+    method and what it builds on read the same data; the rest applies to the method only."""
+    shared = {k: v for k, v in (overrides or {}).items() if k.split(".")[0] in ("features", "data")}
+    return {"*": shared, **(per_prereq or {})}
 
 
 def cpu_threads(device: str, n: int | None = None):

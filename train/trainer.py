@@ -1,13 +1,14 @@
 """The shared trainer: one fold x seed of one method.
 
-Per epoch: shuffle the training rows and draw each sample's missing condition from a generator
-seeded by (seed, epoch) — so an interrupted run that resumes draws exactly what an uninterrupted
-one would — then optimise (AMP on CUDA, gradient-norm clipping), evaluate the validation split
-under the selection conditions, step the LR schedule, keep ``best.pt`` when the validation score
-improves, stop early after ``patience`` epochs without improvement, and write ``last.pt`` (model,
-optimiser, schedule, scaler, torch RNG state, history) so a rerun resumes after the last finished
-epoch. The trainer only ever sees the training and validation rows: model selection cannot read
-the test split.
+Per epoch: shuffle the training rows and draw each sample's missing modalities (``train.missing``,
+see ``train.protocols``) from a generator seeded by (seed, epoch) — so an interrupted run that
+resumes draws exactly what an uninterrupted one would — then optimise (AMP on CUDA, clipping),
+evaluate the validation split under the selection columns (every ``train.val_every`` epochs and
+at the last), step the LR schedule, keep ``best.pt`` when the validation score improves (or the
+validation loss falls, with ``select.metric: loss``), stop early after ``patience`` validations
+without improvement, and write ``last.pt`` (model, optimiser, schedule, scaler, torch RNG state,
+history) so a rerun resumes after the last finished epoch. The trainer only ever sees the
+training and validation rows: model selection cannot read the test split.
 """
 
 from __future__ import annotations
@@ -23,9 +24,10 @@ import torch
 from tqdm.auto import tqdm
 
 from train import metrics
+from train import protocols
 from train.clipping import clip_gradients
-from train.conditions import apply_availability, availability, sample_availability
-from train.data import DataSpec, MultimodalData, Normalizer, batch_to
+from train.conditions import apply_availability
+from train.data import DataError, DataSpec, MultimodalData, Normalizer, batch_to
 
 
 # ---- optimiser and schedules ---------------------------------------------------------------------
@@ -76,30 +78,45 @@ def make_scheduler(opt, scfg: dict | None, epochs: int):
 
 # ---- evaluation ------------------------------------------------------------------------------------
 
-def evaluate(method, data: MultimodalData, idx, conditions, normalizer: Normalizer | None = None,
-             batch_size: int = 256, device: str = "cpu", amp: bool = False) -> dict:
-    """Raw outputs of ``method`` on rows ``idx`` under each condition:
-    {condition: {"index": (N,), "y": (N,), "out": (N, C)}}. Inputs of the modalities a condition
-    drops are zeroed; the unmasked inputs are removed from the batch before ``predict``."""
-    conditions = list(conditions)
-    res = {c: {"index": [], "y": [], "out": []} for c in conditions}
+def evaluate(method, data: MultimodalData, idx, columns, normalizer: Normalizer | None = None,
+             batch_size: int = 256, device: str = "cpu", amp: bool = False, seed: int = 0,
+             phase: str = "test") -> dict:
+    """Raw outputs of ``method`` on rows ``idx`` under each test column (a condition, ``mr=r`` or
+    ``eta=x``, see ``train.protocols``): {column: {"index": (N,), "y": (N,), "out": (N, C),
+    "avail": (N, 3)}}.
+    Masks come from (utterance id, protocol, seed), so every method sees the same ones. ``predict``
+    gets the masked inputs and ``phase`` only: labels and unmasked inputs are removed first. The
+    torch RNG is forked and seeded, so a stochastic method gives the same numbers every time."""
+    columns = list(columns)
+    idx = np.asarray(idx, dtype=np.int64)
+    ids = [data.ids[i] for i in idx]
+    avail = {c: protocols.masks(c, ids, seed) for c in columns}
+    res = {c: {"index": [], "y": [], "out": []} for c in columns}
     was_training = method.training
     method.eval()
-    with torch.no_grad():
+    cuda = str(device).startswith("cuda")
+    with torch.no_grad(), torch.random.fork_rng(devices=[torch.device(device).index or 0] if cuda else []):
+        torch.manual_seed(int(seed))
+        start = 0
         for batch in data.batches(idx, batch_size, normalizer):
-            n = len(batch["y"])
-            index, y = batch["index"].numpy(), batch["y"].numpy()
-            batch = batch_to(batch, device)  # once per batch; each condition masks it on the device
-            for c in conditions:
-                b = apply_availability(batch, np.tile(availability(c), (n, 1)))
+            index, y = batch.pop("index").numpy(), batch.pop("y").numpy()
+            n = len(index)
+            batch = batch_to(batch, device)  # once per batch; each column masks it on the device
+            for c in columns:
+                b = apply_availability(batch, avail[c][start:start + n])
                 b.pop("x_full")
+                b["phase"] = phase
                 with torch.autocast(device_type="cuda", dtype=torch.float16, enabled=amp):
                     out = method.predict(b)
                 res[c]["index"].append(index)
                 res[c]["y"].append(y)
                 res[c]["out"].append(out.float().cpu().numpy().reshape(n, -1))
+            start += n
     method.train(was_training)
-    return {c: {k: np.concatenate(v) if v else np.zeros(0) for k, v in r.items()} for c, r in res.items()}
+    out = {c: {k: np.concatenate(v) if v else np.zeros(0) for k, v in r.items()} for c, r in res.items()}
+    for c in columns:
+        out[c]["avail"] = avail[c]
+    return out
 
 
 def pooled(results: dict) -> tuple[np.ndarray, np.ndarray]:
@@ -120,12 +137,15 @@ def output_loss(method, y: np.ndarray, out: np.ndarray) -> float:
 
 def select_metric(name: str | None, task: str) -> str:
     """The validation metric that picks the checkpoint: ``auto`` (or none) = UA for classification,
-    MAE for regression; otherwise it must be one the task computes."""
+    MAE for regression, ``loss`` = the validation task loss (lower is better); otherwise it must
+    be one the task computes."""
     if not name or name == "auto":
         return "ua" if task == "classification" else "mae"
+    if name == "loss":
+        return name
     known = metrics.CLASSIFICATION if task == "classification" else tuple(metrics.regression_metrics([], []))
     if name not in known:
-        raise ValueError(f"select.metric {name!r} is not a {task} metric; use auto or one of {', '.join(k for k in known if k != 'n')}")
+        raise ValueError(f"select.metric {name!r} is not a {task} metric; use auto, loss or one of {', '.join(k for k in known if k != 'n')}")
     return name
 
 
@@ -167,7 +187,8 @@ class Trainer:
         self.desc = desc
         self.amp = str(device).startswith("cuda") and bool(self.tcfg.get("amp", True))
         self.metric = select_metric(self.scfg.get("metric"), data.task)
-        self.select_conditions = self.scfg.get("conditions", ["avt"])
+        self.select_columns = [protocols.normalise(c) for c in self.scfg.get("conditions", ["avt"])]
+        self.val_every = max(1, int(self.tcfg.get("val_every", 1)))
 
     @property
     def last_path(self) -> Path:
@@ -184,8 +205,9 @@ class Trainer:
 
     def fit(self) -> dict:
         epochs = total_epochs(self.tcfg)
-        params = self.method.trainable_parameters()
-        opt = make_optimizer(params, self.tcfg["optimizer"])
+        groups = self.method.param_groups()
+        params = [p for g in groups for p in g["params"]]
+        opt = make_optimizer(groups, self.tcfg["optimizer"])
         sched = make_scheduler(opt, self.tcfg.get("schedule"), epochs)
         scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
         clip = self.tcfg.get("clip_grad_norm")
@@ -213,22 +235,20 @@ class Trainer:
                    disable=not self.progress, initial=state["epoch"], total=epochs)
         for epoch in bar:
             rec = self._train_epoch(epoch, opt, scaler, params, clip, bs)
-            t0 = time.perf_counter()
-            val = evaluate(self.method, self.data, self.val_idx, self.select_conditions, self.normalizer,
-                           max(bs, 256), self.device, self.amp)
-            y, out = pooled(val)
-            vm = metrics.compute(self.data.task, y, out)
-            rec.update(val_score=vm[self.metric], val_loss=output_loss(self.method, y, out),
-                       val={k: v for k, v in vm.items() if k != "n"}, val_time_s=time.perf_counter() - t0,
-                       lr=opt.param_groups[0]["lr"])
-            if isinstance(sched, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            rec["lr"] = opt.param_groups[0]["lr"]
+            validate = (epoch + 1) % self.val_every == 0 or epoch + 1 == epochs
+            if validate:
+                rec.update(self._validate(bs))
+            plateau = isinstance(sched, torch.optim.lr_scheduler.ReduceLROnPlateau)
+            if plateau and validate:
                 sched.step(rec["val_loss"])
-            else:
+            elif not plateau:
                 sched.step()
-            if metrics.better(self.metric, rec["val_score"], state["best_score"]):
+            self.method.on_epoch_end(epoch, rec)
+            if validate and metrics.better(self.metric, rec["val_score"], state["best_score"]):
                 state.update(best_score=rec["val_score"], best_epoch=epoch + 1, bad_epochs=0)
                 _save(self._best_payload(epoch + 1, rec["val_score"]), self.best_path)
-            else:
+            elif validate:
                 state["bad_epochs"] += 1
             state["history"].append(rec)
             state["epoch"] = epoch + 1
@@ -240,7 +260,7 @@ class Trainer:
                    "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
                    "state": state, "signature": self.signature}, self.last_path)
             (self.out_dir / "history.json").write_text(json.dumps(state["history"], indent=1, default=float))
-            bar.set_postfix(loss=f"{rec['loss']:.3f}", **{f"val_{self.metric}": f"{rec['val_score']:.3f}"})
+            bar.set_postfix(loss=f"{rec['loss']:.3f}", **{f"val_{self.metric}": f"{rec.get('val_score', math.nan):.3f}"})
             for cb in self.callbacks:
                 cb(self, epoch, rec)
             if stop:
@@ -250,15 +270,30 @@ class Trainer:
             _save(self._best_payload(state["epoch"], float("nan")), self.best_path)
         return self._summary(state)
 
+    def _validate(self, bs: int) -> dict:
+        t0 = time.perf_counter()
+        val = evaluate(self.method, self.data, self.val_idx, self.select_columns, self.normalizer,
+                       max(bs, 256), self.device, self.amp, seed=self.seed, phase="val")
+        y, out = pooled(val)
+        vm = metrics.compute(self.data.task, y, out)
+        loss = output_loss(self.method, y, out)
+        return {"val_score": loss if self.metric == "loss" else vm[self.metric], "val_loss": loss,
+                "val": {k: v for k, v in vm.items() if k != "n"}, "val_time_s": time.perf_counter() - t0}
+
     def _train_epoch(self, epoch, opt, scaler, params, clip, bs) -> dict:
         rng = np.random.default_rng([self.seed, epoch])
         self.method.train()
         sums: dict[str, float] = defaultdict(float)
         n_seen, t0 = 0, time.perf_counter()
-        for batch in self.data.batches(self.train_idx, bs, self.normalizer, rng=rng):
+        drop_last = bool(self.tcfg.get("drop_last", False))
+        if drop_last and len(self.train_idx) < bs:
+            raise DataError(f"{self.desc}: train.drop_last with batch size {bs} leaves no batch of the "
+                            f"{len(self.train_idx)} training utterances; lower train.batch_size")
+        for batch in self.data.batches(self.train_idx, bs, self.normalizer, rng=rng, drop_last=drop_last):
             n = len(batch["y"])
-            avail = sample_availability(self.tcfg.get("missing"), n, rng)
+            avail = protocols.draw(self.tcfg.get("missing"), n, rng)
             b = batch_to(apply_availability(batch, avail), self.device)
+            b["phase"] = "train"
             with torch.autocast(device_type="cuda", dtype=torch.float16, enabled=self.amp):
                 loss, parts = self.method.loss(b)
             if not torch.isfinite(loss):

@@ -9,14 +9,18 @@ from __future__ import annotations
 import sys
 import time
 
-# The methods `make demo` trains, in report order (mmin reuses the baseline runs it builds on).
-DEMO_METHODS = ["baseline", "baseline-aug", "mmin", "if-mmin"]
+
+def demo_methods() -> list[str]:
+    """The configs marked ``report: {demo: true}``, in report order."""
+    from train.config import catalog, report_order
+
+    return report_order([n for n, c in catalog().items() if c["demo"]])
 
 
 def add_arguments(p) -> None:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (default auto)")
-    p.add_argument("--methods", default=",".join(DEMO_METHODS),
-                   help="comma-separated methods to train (default: %(default)s)")
+    p.add_argument("--methods", help="comma-separated methods to train (default: every config marked "
+                                     "'report: {demo: true}', in report order)")
     p.add_argument("--workers", type=int, default=1, help="parallel extraction workers (default 1)")
 
 
@@ -28,7 +32,7 @@ def main(args) -> int:
     from train.run import train_method
 
     t0 = time.perf_counter()
-    wanted = [m for m in args.methods.split(",") if m]
+    wanted = [m for m in args.methods.split(",") if m] if args.methods else demo_methods()
     unknown = [m for m in wanted if m not in list_configs()]
     if unknown:
         print(f"imer demo: unknown method(s) {', '.join(unknown)}; available: {', '.join(list_configs())}",

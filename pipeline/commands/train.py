@@ -8,6 +8,11 @@ run. Examples:
   imer train --dataset demo --method mmin
   imer train --dataset iemocap --data-root /data/IEMOCAP_full_release --method baseline --folds 1,2 --seeds 0
   imer train --dataset demo --method baseline,baseline-aug,mmin --set train.batch_size=64
+  imer train --dataset demo --method baseline-aug --eval missing-rate      # MR 0.0 ... 0.7
+  imer train --dataset demo --method baseline-aug --eval conditions --eval missing-ratio=0.1,0.3
+
+A finished model is never trained twice: a fold x seed with the same config and data is reused
+(also across runs), and only test columns it lacks are evaluated.
 """
 
 from __future__ import annotations
@@ -24,11 +29,16 @@ def add_arguments(p) -> None:
     p.add_argument("--protocol", help="fold protocol (default: the dataset's first, e.g. mmin10 for IEMOCAP)")
     p.add_argument("--data-root", help="raw corpus directory (builds the manifest)")
     p.add_argument("--manifest", help="use this manifest instead of the cached/built one")
+    p.add_argument("--eval", dest="eval", action="append", default=[], metavar="PROTOCOL[=P,...]",
+                   help="test protocol(s), replacing the config's eval.conditions: conditions (the 7 fixed), "
+                        "missing-rate (MR 0..0.7), missing-ratio (eta 0..0.5), with optional parameters "
+                        "(missing-rate=0.1,0.5) or column ids (a,vt,mr=0.3); repeatable")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. train.batch_size=64 (repeatable)")
     p.add_argument("--results", help="results root (default $IMER_RESULTS or ./results)")
     p.add_argument("--run-id", help="name of the run folder (default: timestamp + config hash)")
-    p.add_argument("--fresh", action="store_true", help="start a new run instead of resuming an unfinished one")
+    p.add_argument("--fresh", action="store_true", help="start a new run folder instead of resuming an unfinished one "
+                                                       "(finished fold x seed models are still reused)")
     p.add_argument("--threads", type=int, help="torch threads when training on CPU (default 1: these small nets "
                                                "gain little from more, and lose much on a busy machine)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -38,6 +48,7 @@ def main(args) -> int:
     from manifests.schema import ManifestError
     from train.config import ConfigError, list_configs, parse_override
     from train.data import DataError
+    from train.protocols import ProtocolError, expand
     from train.run import train_method
 
     methods = [m.strip() for m in args.method.split(",") if m.strip()]
@@ -47,12 +58,14 @@ def main(args) -> int:
         return 2
     try:
         overrides = dict(parse_override(o) for o in args.overrides)
+        if args.eval:
+            overrides["eval.conditions"] = [c for e in args.eval for c in expand(e)]
         for m in methods:
             train_method(args.dataset, m, folds=args.folds, seeds=args.seeds, device=args.device,
                          data_root=args.data_root, manifest=args.manifest, protocol=args.protocol,
                          results_dir=args.results, run_id=args.run_id, overrides=overrides,
                          resume=not args.fresh, progress=not args.no_progress, threads=args.threads)
-    except (ConfigError, DataError, ManifestError, FileNotFoundError) as e:
+    except (ConfigError, DataError, ManifestError, ProtocolError, FileNotFoundError) as e:
         print(f"imer train: {e}", file=sys.stderr)
         return 2
     return 0

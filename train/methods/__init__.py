@@ -11,7 +11,7 @@ hyperparameters (``method: <registered name>`` when the config name differs, as 
             self.encoders = ModalityEncoders(spec.dims, cfg["model"]["encoders"])
             self.head = FcClassifier(self.encoders.out_dim, [128], spec.out_dim)
 
-        def predict(self, batch):                    # masked inputs only; never batch["x_full"]
+        def predict(self, batch):                    # masked inputs only; never batch["x_full"] or "y"
             h = self.encoders(batch["x"], batch["lengths"])
             return self.head(self.encoders.fuse(h))
 
@@ -22,9 +22,17 @@ hyperparameters (``method: <registered name>`` when the config name differs, as 
 
 A method that builds on another trained model (MMIN's encoders come from the full-modality
 baseline) names it in its config: ``requires: {encoders: baseline}``. The runner trains (or
-reuses) that config for the same fold and seed and hands the loaded model to ``attach``.
-The trainer owns everything else: missing-condition sampling (config ``train.missing``),
-optimiser, schedule, clipping, AMP, checkpoints, early stopping and model selection.
+reuses) that config for the same fold and seed and hands the loaded model to ``attach``, which
+usually calls ``self.inherit(model, parts, teachers)``. A method lists in ``exports`` the parts a
+dependent method may load from it; the runner checks that both configs build them alike.
+
+``batch["phase"]`` says what a forward pass serves: "train", "val" (model selection) or "test";
+a stochastic method may use fewer sampling steps for "val". Evaluation runs under a seeded RNG.
+
+Hooks a method may override: ``param_groups`` (its own optimiser groups, e.g. a smaller learning
+rate for pretrained parts) and ``on_epoch_end`` (called after each epoch's validation). The
+trainer owns everything else: missing-modality sampling (config ``train.missing``, see
+``train.protocols``), optimiser, schedule, clipping, AMP, checkpoints, early stopping, selection.
 """
 
 from __future__ import annotations
@@ -42,6 +50,7 @@ _REGISTRY = Registry("method", "train.methods")
 
 class Method(nn.Module):
     name: ClassVar[str]
+    exports: ClassVar[tuple[str, ...]] = ()  # parts (attribute = model.<part> config) others may load
 
     def __init__(self, cfg: dict, spec: DataSpec):
         super().__init__()
@@ -76,7 +85,49 @@ class Method(nn.Module):
         if prereqs:
             raise ValueError(f"method {self.name!r} takes no prerequisite models, got {sorted(prereqs)}")
 
+    def param_groups(self) -> list[dict]:
+        """Optimiser parameter groups; a group may set its own ``lr`` or ``weight_decay``."""
+        return [{"params": self.trainable_parameters()}]
+
+    def on_epoch_end(self, epoch: int, record: dict) -> None:
+        """Called after every epoch's validation with its history record (may add keys to it)."""
+
     # -- shared helpers ------------------------------------------------------------------------------
+    def inherit(self, prereqs: dict, role: str, parts, teachers: dict[str, str] | None = None) -> None:
+        """Load the weights of ``parts`` (attribute names) from the trained prerequisite of ``role``
+        (``requires: {role: config}``) into this method's same-named parts; ``teachers`` maps
+        frozen copies to the part they copy ({"teacher": "encoders"}). The prerequisite must
+        export every part asked for."""
+        prereq = prereqs.get(role)
+        if prereq is None:
+            want = (self.cfg.get("requires") or {}).get(role, "<config>")
+            raise ValueError(f"{self.name} needs a trained prerequisite as {role!r}: "
+                             f"config 'requires: {{{role}: {want}}}'")
+        teachers = teachers or {}
+        offered = getattr(type(prereq), "exports", ())
+        missing = [p for p in {*parts, *teachers.values()} if p not in offered or not hasattr(prereq, p)]
+        if missing:
+            raise ValueError(f"{self.name}: its prerequisite {getattr(prereq, 'name', type(prereq).__name__)!r} "
+                             f"exports {list(offered)}, not {missing}; check 'requires' in its config")
+        for p in parts:
+            getattr(self, p).load_state_dict(getattr(prereq, p).state_dict())
+        for copy, p in teachers.items():
+            getattr(self, copy).load_state_dict(getattr(prereq, p).state_dict())
+        if hasattr(self, "inherited"):
+            self.inherited.fill_(True)
+
+    def expects_inheritance(self) -> None:
+        """Call in ``__init__`` of a method that must start from a prerequisite: ``check_inherited``
+        then refuses to train one that never received it (the flag is saved with the weights)."""
+        self.register_buffer("inherited", torch.tensor(False))
+
+    def check_inherited(self) -> None:
+        if not bool(self.inherited):
+            needs = ", ".join(f"{r}: {n}" for r, n in (self.cfg.get("requires") or {}).items())
+            raise RuntimeError(f"{self.name}: the pretrained parts were never loaded; it needs its "
+                               f"prerequisite ({needs or 'see its config'}) attached first")
+
+
     def task_loss(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Cross-entropy for classification; L1 (or MSE with ``loss.regression: mse``) for regression."""
         if self.spec.task == "classification":

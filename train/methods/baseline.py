@@ -17,6 +17,7 @@ from train.nets import FcClassifier, ModalityEncoders
 @register
 class Baseline(Method):
     name = "baseline"
+    exports = ("encoders",)
 
     def __init__(self, cfg, spec):
         super().__init__(cfg, spec)

@@ -127,13 +127,14 @@ class IFMMINPretrain(Method):
     """Stage 1: specificity + invariance encoders and a classifier on [h; H], CE + CMD."""
 
     name = "if-mmin-pretrain"
+    exports = ("encoders", "invariance")
 
     def __init__(self, cfg, spec):
         super().__init__(cfg, spec)
         m = cfg["model"]
         self.w_ce = self.loss_weight("ce", 1.0)
         self.w_cmd = self.loss_weight("cmd", 1.0)
-        self.k = int(self.loss_weight("cmd_moments", 5))
+        self.k = int(cfg.get("loss", {}).get("cmd_moments", 5))
         self.encoders = ModalityEncoders(spec.dims, m["encoders"])
         self.invariance = invariance_encoder(self.encoders, m)
         d = self.encoders.out_dim + len(MODALITIES) * self.invariance.out_dim
@@ -185,7 +186,7 @@ class IFMMIN(Method):
         self.teacher, self.teacher_inv = encoders_pair()  # frozen copies of the pretrained ones
         self.freeze(self.teacher)
         self.freeze(self.teacher_inv)
-        self.register_buffer("teacher_ready", torch.tensor(False))
+        self.expects_inheritance()
         frozen = list(m.get("freeze") or [])
         bad = [f for f in frozen if f not in self.FREEZABLE]
         if bad:
@@ -203,16 +204,8 @@ class IFMMIN(Method):
         self.classifier = FcClassifier(self.imagine.latent_dim, m["classifier"], spec.out_dim, m.get("dropout", 0.5))
 
     def attach(self, prereqs):
-        pre = prereqs.get("pretrained")
-        if pre is None or not (hasattr(pre, "encoders") and hasattr(pre, "invariance")):
-            raise ValueError("if-mmin needs the trained invariant-feature model: "
-                             "config 'requires: {pretrained: if-mmin-pretrain}'")
-        enc, inv = pre.encoders.state_dict(), pre.invariance.state_dict()
-        self.encoders.load_state_dict(enc)
-        self.teacher.load_state_dict(enc)
-        self.invariance.load_state_dict(inv)
-        self.teacher_inv.load_state_dict(inv)
-        self.teacher_ready.fill_(True)
+        self.inherit(prereqs, "pretrained", ["encoders", "invariance"],
+                     teachers={"teacher": "encoders", "teacher_inv": "invariance"})
 
     def forward_parts(self, batch) -> dict:
         h = self.encoders(batch["x"], batch["lengths"])
@@ -232,8 +225,7 @@ class IFMMIN(Method):
             return {"imagination": rev, "invariance": self.teacher.fuse(self.teacher_inv(full))}
 
     def loss(self, batch):
-        if not bool(self.teacher_ready):
-            raise RuntimeError("if-mmin: the pretrained encoders were never loaded (attach a trained if-mmin-pretrain)")
+        self.check_inherited()
         p = self.forward_parts(batch)
         t = self.teacher_targets(batch)
         parts = {"ce": self.w_ce * self.task_loss(p["logits"], batch["y"]),

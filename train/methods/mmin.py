@@ -39,7 +39,7 @@ class MMIN(Method):
         self.w_cycle = self.loss_weight("cycle", 2.0)
         self.encoders = ModalityEncoders(spec.dims, m["encoders"])  # student, fine-tuned
         self.teacher = self.freeze(ModalityEncoders(spec.dims, m["encoders"]))  # copy of the pretrained encoders
-        self.register_buffer("teacher_ready", torch.tensor(False))
+        self.expects_inheritance()
         d = self.encoders.out_dim
         self.imagine = make_imagination(d, m["imagination"])
         if self.w_cycle > 0:
@@ -49,14 +49,7 @@ class MMIN(Method):
         self.classifier = FcClassifier(self.imagine.latent_dim, m["classifier"], spec.out_dim, m.get("dropout", 0.5))
 
     def attach(self, prereqs):
-        base = prereqs.get("encoders")
-        if base is None or not hasattr(base, "encoders"):
-            raise ValueError("mmin needs a trained full-modality model for its encoders: "
-                             "config 'requires: {encoders: baseline}'")
-        state = base.encoders.state_dict()
-        self.encoders.load_state_dict(state)
-        self.teacher.load_state_dict(state)
-        self.teacher_ready.fill_(True)
+        self.inherit(prereqs, "encoders", ["encoders"], teachers={"teacher": "encoders"})
 
     def forward_parts(self, batch) -> dict:
         h = self.encoders.fuse(self.encoders(batch["x"], batch["lengths"]))
@@ -74,8 +67,7 @@ class MMIN(Method):
             return self.teacher.fuse(self.teacher(reversed_input(batch), batch["lengths"]))
 
     def loss(self, batch):
-        if not bool(self.teacher_ready):
-            raise RuntimeError("mmin: the teacher encoders were never loaded (attach a trained baseline first)")
+        self.check_inherited()
         p = self.forward_parts(batch)
         parts = {"ce": self.w_ce * self.task_loss(p["logits"], batch["y"]),
                  "forward": self.w_forward * nn.functional.mse_loss(p["recon"].float(), self.teacher_target(batch).float())}

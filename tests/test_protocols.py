@@ -1,0 +1,97 @@
+"""The missing-modality protocols (train/protocols.py): exact missing rates, exact missing ratios,
+masks that depend on (utterance, protocol, parameter, seed) only, and the table layout."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy.stats import binom
+
+from train import protocols as P
+
+
+def _ids(n, prefix="u"):
+    return [f"{prefix}{i:05d}" for i in range(n)]
+
+
+@pytest.mark.parametrize("n", [1, 7, 32, 101, 1000])
+@pytest.mark.parametrize("rate", [0.0, 0.1, 0.3, 0.5, 0.6, 2 / 3])
+def test_missing_rate_is_exact_and_keeps_a_modality(n, rate):
+    keep = P.masks(P.column(P.RATE, rate), _ids(n), seed=0)
+    assert keep.shape == (n, 3) and keep.dtype == bool
+    assert keep.sum(1).min() >= 1  # no sample loses every modality
+    assert abs(P.realised_rate(keep) - rate) <= 0.5 / (3 * n) + 1e-12  # within one modality slot
+    if rate == 0.0:
+        assert keep.all()  # MR 0 = complete data
+
+
+def test_missing_rate_above_two_thirds_is_capped_with_a_warning():
+    with pytest.warns(UserWarning, match="keeps exactly one"):
+        keep = P.masks("mr=0.7", _ids(60), seed=1)
+    assert (keep.sum(1) == 1).all()
+    assert P.realised_rate(keep) == pytest.approx(2 / 3)
+
+
+@pytest.mark.parametrize("n", [10, 33, 600])
+@pytest.mark.parametrize("eta", [0.0, 0.1, 0.3, 0.5, 1.0])
+def test_missing_ratio_drops_exactly_one_modality_of_round_eta_n(n, eta):
+    keep = P.masks(P.column(P.RATIO, eta), _ids(n), seed=3)
+    lost = 3 - keep.sum(1)
+    assert set(np.unique(lost)) <= {0, 1}
+    assert lost.sum() == int(round(eta * n))
+
+
+def test_missing_ratio_modality_is_uniform():
+    keep = P.masks("eta=1", _ids(3000), seed=0)  # every sample loses one
+    counts = (~keep).sum(0)
+    lo, hi = binom.ppf([0.0005, 0.9995], 3000, 1 / 3)  # a 99.9% two-sided binomial band per modality
+    assert ((counts >= lo) & (counts <= hi)).all(), counts
+
+
+def test_masks_depend_on_id_protocol_parameter_and_seed_only():
+    ids = _ids(200)
+    a = P.masks("mr=0.4", ids, seed=7)
+    perm = np.random.default_rng(0).permutation(200)
+    b = P.masks("mr=0.4", [ids[i] for i in perm], seed=7)
+    assert np.array_equal(a[perm], b)  # the order of the split does not matter
+    assert np.array_equal(a, P.masks("mr=0.4", list(ids), seed=7))  # a rerun sees the same masks
+    assert not np.array_equal(a, P.masks("mr=0.4", ids, seed=8))  # another seed, other masks
+    assert not np.array_equal(P.masks("eta=0.4", ids, 7), P.masks("eta=0.4", ids, 8))
+
+
+def test_masks_are_nested_across_rates():
+    ids = _ids(300)
+    prev = np.ones((300, 3), bool)
+    for r in (0.1, 0.2, 0.4, 0.6):
+        cur = P.masks(P.column(P.RATE, r), ids, seed=0)
+        assert not (cur & ~prev).any()  # what is missing at a lower rate stays missing
+        prev = cur
+
+
+def test_fixed_conditions_and_column_ids():
+    keep = P.masks("ta", _ids(5), seed=0)
+    assert keep.tolist() == [[True, False, True]] * 5
+    assert P.normalise("ta") == "at" and P.normalise("mr=0.30") == "mr=0.3"
+    assert P.expand("missing-rate") == [f"mr={r:g}" for r in (0, .1, .2, .3, .4, .5, .6, .7)]
+    assert P.expand("missing-ratio=0.1,0.5") == ["eta=0.1", "eta=0.5"]
+    assert P.expand("conditions")[-1] == "avt" and P.expand("a,vt") == ["a", "vt"]
+    for bad in ("mr=1.0", "mr=x", "eta=1.5", "q", "missing-rate=a"):
+        with pytest.raises(P.ProtocolError):
+            P.expand(bad)
+
+
+def test_table_groups_take_their_columns_from_the_protocol():
+    cols = ["avt", "a", "v", "t", "av", "at", "vt", "mr=0.3", "mr=0", "mr=0.7", "eta=0.2"]
+    g = dict(P.groups(cols))
+    assert g[P.FIXED] == ["a", "v", "t", "av", "at", "vt", "average", "avt"]
+    assert g[P.RATE] == ["mr=0", "mr=0.3", "mr=0.7", "mr-average"]
+    assert g[P.RATIO] == ["eta=0.2"]  # a single ratio has no average column
+    assert P.average_members("mr-average", g[P.RATE]) == ["mr=0.3", "mr=0.7"]  # nonzero rates only
+    assert P.title("mr-average", g[P.RATE]) == "MR avg 0.3–0.7" and P.title("eta=0.2") == "η 0.2"
+
+
+def test_training_rates_list_draws_one_rate_per_batch():
+    rng = np.random.default_rng(0)
+    seen = {round(P.realised_rate(P.draw({"kind": "missing-rate", "rates": [0.0, 0.5]}, 30, rng)), 3)
+            for _ in range(40)}
+    assert seen == {0.0, 0.5}
