@@ -230,3 +230,5 @@ def test_configs_reproduce_the_authors_init_and_clipping(name, init, clip):
     assert cfg["model"]["init"]["kind"] == init
     assert cfg["train"]["clip_grad_norm"] == clip and cfg["train"]["clip_grad_norm_per_module"] is True
     assert not any(e.get("pool_over_padding") for e in cfg["model"]["encoders"].values())  # imer's masked pooling
+    demo = load_config(name, "demo")  # the demo departs from the init only (measured, see _base.yaml)
+    assert demo["model"]["init"]["kind"] == "default" and demo["train"]["clip_grad_norm_per_module"] is True
