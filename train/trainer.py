@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from pipeline.fsutil import atomic_torch_save, atomic_write_json, safe_torch_load
 from train import metrics
 from train import protocols
+from train.clipping import clip_gradients
 from train.conditions import apply_availability
 from train.data import DataError, DataSpec, MultimodalData, Normalizer, batch_to
 
@@ -298,9 +299,7 @@ class Trainer:
                                          "lower the learning rate or check the features for inf/NaN")
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
-            if clip:
-                scaler.unscale_(opt)
-                torch.nn.utils.clip_grad_norm_(params, float(clip))
+            clip_gradients(self.method, self.tcfg, params, scaler, opt)
             scaler.step(opt)
             scaler.update()
             sums["loss"] += float(loss.detach()) * n
