@@ -208,7 +208,6 @@ class Trainer:
         opt = make_optimizer(groups, self.tcfg["optimizer"])
         sched = make_scheduler(opt, self.tcfg.get("schedule"), epochs)
         scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
-        clip = self.tcfg.get("clip_grad_norm")
         patience = (self.tcfg.get("early_stop") or {}).get("patience")
         bs = int(self.tcfg["batch_size"])
         state = {"epoch": 0, "best_score": None, "best_epoch": None, "bad_epochs": 0, "history": [], "done": False}
@@ -232,7 +231,7 @@ class Trainer:
         bar = tqdm(range(state["epoch"], epochs), desc=self.desc or "train", leave=False,
                    disable=not self.progress, initial=state["epoch"], total=epochs)
         for epoch in bar:
-            rec = self._train_epoch(epoch, opt, scaler, params, clip, bs)
+            rec = self._train_epoch(epoch, opt, scaler, params, bs)
             rec["lr"] = opt.param_groups[0]["lr"]
             validate = (epoch + 1) % self.val_every == 0 or epoch + 1 == epochs
             if validate:
@@ -278,7 +277,7 @@ class Trainer:
         return {"val_score": loss if self.metric == "loss" else vm[self.metric], "val_loss": loss,
                 "val": {k: v for k, v in vm.items() if k != "n"}, "val_time_s": time.perf_counter() - t0}
 
-    def _train_epoch(self, epoch, opt, scaler, params, clip, bs) -> dict:
+    def _train_epoch(self, epoch, opt, scaler, params, bs) -> dict:
         rng = np.random.default_rng([self.seed, epoch])
         self.method.train()
         sums: dict[str, float] = defaultdict(float)
