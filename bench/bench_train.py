@@ -61,6 +61,7 @@ def time_batches(method, cfg, data, train_idx, val_idx, device: str, max_batches
     from train.conditions import apply_availability
     from train.protocols import draw, masks
     from train.data import Normalizer, batch_to
+    from train.clipping import clip_gradients
     from train.trainer import make_optimizer
 
     amp = device.startswith("cuda") and bool(cfg["train"].get("amp", True))
@@ -78,8 +79,7 @@ def time_batches(method, cfg, data, train_idx, val_idx, device: str, max_batches
             loss, _ = method.loss(b)
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
-        scaler.unscale_(opt)
-        torch.nn.utils.clip_grad_norm_(params, float(cfg["train"].get("clip_grad_norm") or 1e9))
+        clip_gradients(method, cfg["train"], params, scaler, opt)  # as the trainer does
         scaler.step(opt)
         scaler.update()
 

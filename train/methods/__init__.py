@@ -44,6 +44,7 @@ from torch import nn
 
 from pipeline.registry import Registry
 from train.data import DataSpec
+from train.nets import init_weights
 
 _REGISTRY = Registry("method", "train.methods")
 
@@ -155,5 +156,10 @@ get = _REGISTRY.get
 
 
 def build(cfg: dict, spec: DataSpec) -> Method:
-    """The method a resolved config names (``cfg["method"]``), built for the data ``spec``."""
-    return get(cfg["method"])(cfg, spec)
+    """The method a resolved config names (``cfg["method"]``), built for the data ``spec``, its
+    Linear/Conv layers initialised as ``model.init`` says. This runs before ``attach``, as the
+    authors' ``setup`` (init) ran before their ``post_process`` (pretrained encoders loaded): the
+    init never touches the weights a method takes from its prerequisite."""
+    method = get(cfg["method"])(cfg, spec)
+    init_weights(method, (cfg.get("model") or {}).get("init"))
+    return method
