@@ -30,7 +30,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import write_result  # noqa: E402
 
-METHODS = ["baseline", "baseline-aug", "mmin"]
+METHODS = ["baseline", "baseline-aug", "mmin", "cm-arr"]
+# CM-ARR reads every modality resampled to one length (its config's data.resample_to: 50 for
+# IEMOCAP, 16 on the demo); it is timed on the same data, resampled for it.
 IEMOCAP = {"n": 5531, "dims": {"a": 130, "v": 342, "t": 1024},
            "lengths": {"a": (400, 600), "v": (40, 60), "t": (15, 35)}, "train_share": 0.8, "val_share": 0.1}
 
@@ -59,6 +61,7 @@ def time_batches(method, cfg, data, train_idx, val_idx, device: str, max_batches
     from train.conditions import apply_availability
     from train.protocols import draw, masks
     from train.data import Normalizer, batch_to
+    from train.clipping import clip_gradients
     from train.trainer import make_optimizer
 
     amp = device.startswith("cuda") and bool(cfg["train"].get("amp", True))
@@ -76,8 +79,7 @@ def time_batches(method, cfg, data, train_idx, val_idx, device: str, max_batches
             loss, _ = method.loss(b)
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
-        scaler.unscale_(opt)
-        torch.nn.utils.clip_grad_norm_(params, float(cfg["train"].get("clip_grad_norm") or 1e9))
+        clip_gradients(method, cfg["train"], params, scaler, opt)  # as the trainer does
         scaler.step(opt)
         scaler.update()
 
@@ -116,7 +118,12 @@ def time_batches(method, cfg, data, train_idx, val_idx, device: str, max_batches
 
 def figures(name, dataset, data, train_idx, val_idx, device, max_batches, n_train, n_val) -> dict:
     method, cfg = build(name, dataset, data, device)
-    train_s, n, val_s, nv = time_batches(method, cfg, data, train_idx, val_idx, device, max_batches)
+    kept = data.resample_to
+    data.resample_to = cfg.get("data", {}).get("resample_to") or kept  # the method's own data view
+    try:
+        train_s, n, val_s, nv = time_batches(method, cfg, data, train_idx, val_idx, device, max_batches)
+    finally:
+        data.resample_to = kept
     tr_sps, val_sps = n / train_s, nv / val_s
     n_cond = len(cfg["select"]["conditions"])
     epoch_s = n_train / tr_sps + n_val * n_cond / val_sps
@@ -132,7 +139,7 @@ def _epochs(cfg) -> int:
     return total_epochs(cfg["train"])
 
 
-def iemocap_synthetic(batches: int, device: str) -> dict:
+def iemocap_synthetic(batches: int, device: str, methods=METHODS) -> dict:
     import numpy as np
 
     from train.synthetic import synthetic_data
@@ -148,14 +155,14 @@ def iemocap_synthetic(batches: int, device: str) -> dict:
                    f"epoch_s = {n_train} train utterances / train samples/s + {n_val} val utterances x "
                    "selection conditions / val samples/s",
            "shape": {"utterances": IEMOCAP["n"], "dims": IEMOCAP["dims"], "frames": IEMOCAP["lengths"]}}
-    for name in METHODS:
+    for name in methods:
         out[name] = figures(name, "iemocap", data, tr, va, device, batches, n_train, n_val)
         print(f"  iemocap-synthetic {name}: {out[name]['epoch_s']} s/epoch, "
               f"{out[name]['train_samples_per_s']} train samples/s", flush=True)
     return out
 
 
-def demo(device: str) -> dict:
+def demo(device: str, methods=METHODS) -> dict:
     from manifests.datasets import load_folds, load_manifest
     from train.config import load_config
     from train.run import build_data, ensure_stores
@@ -168,7 +175,7 @@ def demo(device: str) -> dict:
     tr, va = data.indices(fold.train), data.indices(fold.val)
     out = {"extrapolated": False, "fold": fold.name, "utterances": len(data), "dims": data.spec.dims,
            "note": "one full epoch timed (after one warm-up batch) on fold 1 of the demo corpus"}
-    for name in METHODS:
+    for name in methods:
         out[name] = figures(name, "demo", data, tr, va, device, None, len(tr), len(va))
         print(f"  demo {name}: {out[name]['epoch_s']} s/epoch, {out[name]['train_samples_per_s']} train samples/s",
               flush=True)
@@ -183,12 +190,24 @@ def _context(device: str) -> dict:
             "load_avg_1min_after": round(os.getloadavg()[0], 2), "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
 
 
+def _earlier(section: str) -> dict:
+    """The section as bench/results/train.json has it (a run timing some methods keeps the rest)."""
+    import json
+
+    from common import RESULTS
+
+    path = RESULTS / "train.json"
+    return json.loads(path.read_text()).get(section, {}) if path.is_file() else {}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--batches", type=int, default=3, help="timed batches on the IEMOCAP-sized set (default 3)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 1, as imer train)")
     ap.add_argument("--skip-demo", action="store_true", help="only the synthetic IEMOCAP-sized set")
+    ap.add_argument("--methods", default=",".join(METHODS),
+                    help="comma-separated configs to time (default all); others' earlier figures are kept")
     args, _ = ap.parse_known_args()
 
     import torch
@@ -202,9 +221,11 @@ def main() -> None:
         res = {"device": device, "torch_threads": torch.get_num_threads(), "amp": device.startswith("cuda"),
                "cpu_count": os.cpu_count(), "load_avg_1min": round(os.getloadavg()[0], 2)}
         t = time.perf_counter()
-        res["iemocap-synthetic"] = {**iemocap_synthetic(args.batches, device), **_context(device)}
+        methods = [m for m in args.methods.split(",") if m]
+        res["iemocap-synthetic"] = {**_earlier("iemocap-synthetic"), **iemocap_synthetic(args.batches, device, methods),
+                                    **_context(device)}
         if not args.skip_demo:
-            res["demo"] = {**demo(device), **_context(device)}
+            res["demo"] = {**_earlier("demo"), **demo(device, methods), **_context(device)}
         res["bench_s"] = round(time.perf_counter() - t, 1)
         res["load_avg_1min_end"] = round(os.getloadavg()[0], 2)
     write_result("train", res)

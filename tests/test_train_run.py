@@ -47,7 +47,7 @@ def _trainer(data, fold, out, cfg, callbacks=(), seed=0):
 
 
 def _weights(path):
-    return torch.load(path, weights_only=False)["model"]
+    return torch.load(path, weights_only=True)["model"]
 
 
 def _strip(history):
@@ -69,7 +69,7 @@ def test_selection_reads_train_and_val_only(data, tmp_path):
     # the kept epoch is the best validation epoch
     scores = [h["val_score"] for h in summary["history"]]
     assert summary["best_epoch"] == int(np.argmax(scores)) + 1 and summary["best_score"] == max(scores)
-    ck = torch.load(tmp_path / "a" / "best.pt", weights_only=False)
+    ck = torch.load(tmp_path / "a" / "best.pt", weights_only=True)
     assert ck["epoch"] == summary["best_epoch"] and ck["score"] == summary["best_score"]
 
 
