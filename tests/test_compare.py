@@ -29,7 +29,7 @@ def cluster():
     """One 2-worker LocalCluster for the module (starting one costs seconds)."""
     from dask.distributed import LocalCluster
 
-    c = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None)
+    c = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0")
     yield c.scheduler_address
     c.close()
 

@@ -130,7 +130,7 @@ def sweep(jobs: list[Job], ctx: Context, workers: int = 1, scheduler: str | None
         client = Client(scheduler)
     else:
         cluster = LocalCluster(n_workers=max(1, int(workers)), threads_per_worker=1, processes=True,
-                               dashboard_address=None)
+                               dashboard_address=":0")
         client = Client(cluster)
     futures, outcomes = {}, {}
     try:
