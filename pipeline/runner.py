@@ -353,25 +353,24 @@ def _run_stage(ext: Extractor, store: FeatureStore, todo: list, summ: Summary, c
     deferred = []
     if cluster is None:
         ext.ensure_loaded()
-        for k, b in blocks:
-            lock = claims.take(k, wait=False)
-            if lock is None:  # another run is computing this batch: come back to it at the end
-                deferred.append((k, b))
-                continue
+
+        def claimed(k, b, wait: bool) -> bool:
+            """Extract batch ``k`` under its claim; False when another run holds it (no wait)."""
+            lock = claims.take(k, wait=wait)  # with wait: returns once the other run committed (or died)
+            if lock is None:
+                return False
             try:
                 b = pending(b)
                 if b:
                     commit(list(zip([u.id for u in b], _extract_safely(ext, b))))
             finally:
                 lock.release()
+            return True
+
+        # a batch another run is computing is left for the end, then waited for
+        deferred = [(k, b) for k, b in blocks if not claimed(k, b, wait=False)]
         for k, b in deferred:
-            lock = claims.take(k, wait=True)  # returns once the other run committed (or died)
-            try:
-                b = pending(b)
-                if b:
-                    commit(list(zip([u.id for u in b], _extract_safely(ext, b))))
-            finally:
-                lock.release()
+            claimed(k, b, wait=True)
         return
     from distributed import as_completed
 

@@ -28,12 +28,7 @@ def tiny_cfg(name="cm-arr", **extra) -> dict:
     return load_config(name, None, {**TINY, **extra})
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny nets: threads only add overhead on a shared machine
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

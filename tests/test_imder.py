@@ -18,12 +18,7 @@ from train.methods import build
 SDE = VESDE(25.0)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny nets: threads only add overhead on a shared machine
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 MU, S = 0.5, 0.5  # the toy data: every element ~ N(MU, S^2)
 

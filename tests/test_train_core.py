@@ -17,12 +17,7 @@ from train.nets import CascadeResidualAE, PlainAE
 from train.synthetic import synthetic_data
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny nets: threads only add overhead on a shared machine
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -20,12 +20,7 @@ FAST = {"train.schedule": {"kind": "linear_decay", "constant": 2, "decay": 1}, "
         "model.encoders.a.hidden": 32, "model.encoders.v.hidden": 32, "model.encoders.t.channels": 32}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
