@@ -21,7 +21,11 @@ export TRANSFORMERS_OFFLINE ?= 1
 
 STAMP := $(VENV)/.imer-setup
 
-.PHONY: setup demo features train report test bench clean distclean
+FEATURES ?=
+METHODS ?=
+WORKERS ?= 1
+
+.PHONY: setup demo features train report compare test bench clean distclean
 
 setup: $(STAMP)
 
@@ -48,6 +52,11 @@ train: setup
 
 report: setup
 	$(IMER) report --dataset $(DATASET)
+
+compare: setup
+	$(IMER) compare --dataset $(DATASET) --workers $(WORKERS) \
+	  $(if $(FEATURES),--features $(FEATURES)) $(if $(METHODS),--methods $(METHODS)) \
+	  $(if $(DATA_ROOT),--data-root $(DATA_ROOT)) $(if $(FOLDS),--folds $(FOLDS)) $(if $(SEEDS),--seeds $(SEEDS))
 
 test: setup
 	$(BIN)/python -m pytest -q

@@ -17,7 +17,7 @@ V 100, T 25): its IEMOCAP-sized set has those shapes, and on the demo it reads i
 
     .venv/bin/python bench/bench_train.py [--batches 3] [--device auto] [--threads N] [--skip-demo]
                                           [--methods baseline,emmr]
-Writes bench/results/train.json (a run with --methods keeps the other methods' earlier figures).
+Writes bench/results/train.json.
 """
 
 from __future__ import annotations
@@ -34,10 +34,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import write_result  # noqa: E402
 
-METHODS = ["baseline", "baseline-aug", "mmin", "emmr"]
+METHODS = ["baseline", "baseline-aug", "mmin", "cm-arr", "emmr"]
+# CM-ARR reads every modality resampled to one length (its config's data.resample_to: 50 for
+# IEMOCAP, 16 on the demo); it is timed on the same data, resampled for it.
 IEMOCAP = {"n": 5531, "dims": {"a": 130, "v": 342, "t": 1024},
            "lengths": {"a": (400, 600), "v": (40, 60), "t": (15, 35)}, "train_share": 0.8, "val_share": 0.1}
-# the shapes of EMMR's features on IEMOCAP (SPEC.md §2); the config's fixed lengths cut them to 150 / 100 / 25
+# the shapes of EMMR's features on IEMOCAP (SPEC.md §2); its config's fixed lengths cut them to 150 / 100 / 25
 FEATURE_DIMS = {"emmr": {"a": 33, "v": 709, "t": 768}}
 
 
@@ -65,6 +67,7 @@ def time_batches(method, cfg, data, train_idx, val_idx, device: str, max_batches
     from train.conditions import apply_availability
     from train.protocols import draw, masks
     from train.data import Normalizer, batch_to
+    from train.clipping import clip_gradients
     from train.trainer import make_optimizer
 
     amp = device.startswith("cuda") and bool(cfg["train"].get("amp", True))
@@ -82,8 +85,7 @@ def time_batches(method, cfg, data, train_idx, val_idx, device: str, max_batches
             loss, _ = method.loss(b)
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
-        scaler.unscale_(opt)
-        torch.nn.utils.clip_grad_norm_(params, float(cfg["train"].get("clip_grad_norm") or 1e9))
+        clip_gradients(method, cfg["train"], params, scaler, opt)  # as the trainer does
         scaler.step(opt)
         scaler.update()
 
@@ -122,7 +124,12 @@ def time_batches(method, cfg, data, train_idx, val_idx, device: str, max_batches
 
 def figures(name, dataset, data, train_idx, val_idx, device, max_batches, n_train, n_val) -> dict:
     method, cfg = build(name, dataset, data, device)
-    train_s, n, val_s, nv = time_batches(method, cfg, data, train_idx, val_idx, device, max_batches)
+    kept = data.resample_to
+    data.resample_to = cfg.get("data", {}).get("resample_to") or kept  # the method's own data view
+    try:
+        train_s, n, val_s, nv = time_batches(method, cfg, data, train_idx, val_idx, device, max_batches)
+    finally:
+        data.resample_to = kept
     tr_sps, val_sps = n / train_s, nv / val_s
     n_cond = len(cfg["select"]["conditions"])
     epoch_s = n_train / tr_sps + n_val * n_cond / val_sps
@@ -148,7 +155,7 @@ def _with_lengths(data, name: str, dataset: str):
     return data
 
 
-def iemocap_synthetic(batches: int, device: str, methods) -> dict:
+def iemocap_synthetic(batches: int, device: str, methods=METHODS) -> dict:
     import numpy as np
 
     from train.synthetic import synthetic_data
@@ -157,6 +164,7 @@ def iemocap_synthetic(batches: int, device: str, methods) -> dict:
     n_val = int(IEMOCAP["n"] * IEMOCAP["val_share"])
     # only the utterances the timed batches read are generated (1 warm-up + ``batches`` of 128)
     n_gen = 128 * (batches + 1) + 256 * batches
+    data = synthetic_data(n=n_gen, dims=IEMOCAP["dims"], lengths=IEMOCAP["lengths"], seed=0)
     tr, va = np.arange(128 * (batches + 1)), np.arange(128 * (batches + 1), n_gen)
     out = {"extrapolated": True, "timed_batches": batches,
            "note": f"{batches} training and {batches} validation batches timed after one warm-up batch; "
@@ -164,35 +172,42 @@ def iemocap_synthetic(batches: int, device: str, methods) -> dict:
                    "selection conditions / val samples/s",
            "shape": {"utterances": IEMOCAP["n"], "dims": IEMOCAP["dims"], "frames": IEMOCAP["lengths"]}}
     for name in methods:
-        dims = FEATURE_DIMS.get(name, IEMOCAP["dims"])
-        data = _with_lengths(synthetic_data(n=n_gen, dims=dims, lengths=IEMOCAP["lengths"], seed=0), name, "iemocap")
-        out[name] = figures(name, "iemocap", data, tr, va, device, batches, n_train, n_val)
-        out[name]["dims"] = dims
+        if name in FEATURE_DIMS:  # other features than MMIN's: data of their shapes, cut as the config says
+            d = synthetic_data(n=n_gen, dims=FEATURE_DIMS[name], lengths=IEMOCAP["lengths"], seed=0)
+            _with_lengths(d, name, "iemocap")
+        else:
+            d = data
+        out[name] = figures(name, "iemocap", d, tr, va, device, batches, n_train, n_val)
+        out[name]["dims"] = d.spec.dims
         print(f"  iemocap-synthetic {name}: {out[name]['epoch_s']} s/epoch, "
               f"{out[name]['train_samples_per_s']} train samples/s", flush=True)
     return out
 
 
-def demo(device: str, methods) -> dict:
+def demo(device: str, methods=METHODS) -> dict:
     from manifests.datasets import load_folds, load_manifest
     from train.config import load_config
     from train.run import build_data, ensure_stores
 
+    cfg = load_config("mmin", "demo")
     man = load_manifest("demo")
     _, folds = load_folds("demo")
+    data = build_data(man, ensure_stores("demo", cfg, device), cfg)
     fold = folds[0]
-    out = {"extrapolated": False, "fold": fold.name, "utterances": len(man),
+    tr, va = data.indices(fold.train), data.indices(fold.val)
+    out = {"extrapolated": False, "fold": fold.name, "utterances": len(data), "dims": data.spec.dims,
            "note": "one full epoch timed (after one warm-up batch) on fold 1 of the demo corpus"}
-    built = {}  # one data module per (features, data) section: EMMR reads other features than MMIN
+    own = {}  # methods reading other features than MMIN's (EMMR): their own data module
     for name in methods:
-        cfg = load_config(name, "demo")
-        key = repr((cfg["features"], cfg.get("data")))
-        if key not in built:
-            built[key] = build_data(man, ensure_stores("demo", cfg, device), cfg)
-        data = built[key]
-        tr, va = data.indices(fold.train), data.indices(fold.val)
-        out[name] = figures(name, "demo", data, tr, va, device, None, len(tr), len(va))
-        out[name]["dims"] = data.spec.dims
+        c = load_config(name, "demo")
+        d = data
+        if (c["features"], c.get("data", {}).get("max_len")) != (cfg["features"], cfg.get("data", {}).get("max_len")):
+            key = repr((c["features"], c.get("data")))
+            if key not in own:
+                own[key] = build_data(man, ensure_stores("demo", c, device), c)
+            d = own[key]
+        out[name] = figures(name, "demo", d, d.indices(fold.train), d.indices(fold.val), device, None, len(tr), len(va))
+        out[name]["dims"] = d.spec.dims
         print(f"  demo {name}: {out[name]['epoch_s']} s/epoch, {out[name]['train_samples_per_s']} train samples/s",
               flush=True)
     return out
@@ -206,15 +221,25 @@ def _context(device: str) -> dict:
             "load_avg_1min_after": round(os.getloadavg()[0], 2), "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
 
 
+def _earlier(section: str) -> dict:
+    """The section as bench/results/train.json has it (a run timing some methods keeps the rest)."""
+    import json
+
+    from common import RESULTS
+
+    path = RESULTS / "train.json"
+    return json.loads(path.read_text()).get(section, {}) if path.is_file() else {}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--batches", type=int, default=3, help="timed batches on the IEMOCAP-sized set (default 3)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 1, as imer train)")
     ap.add_argument("--skip-demo", action="store_true", help="only the synthetic IEMOCAP-sized set")
-    ap.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated (default {','.join(METHODS)})")
+    ap.add_argument("--methods", default=",".join(METHODS),
+                    help="comma-separated configs to time (default all); others' earlier figures are kept")
     args, _ = ap.parse_known_args()
-    methods = [m for m in args.methods.split(",") if m]
 
     import torch
 
@@ -227,33 +252,14 @@ def main() -> None:
         res = {"device": device, "torch_threads": torch.get_num_threads(), "amp": device.startswith("cuda"),
                "cpu_count": os.cpu_count(), "load_avg_1min": round(os.getloadavg()[0], 2)}
         t = time.perf_counter()
-        res["iemocap-synthetic"] = {**iemocap_synthetic(args.batches, device, methods), **_context(device)}
+        methods = [m for m in args.methods.split(",") if m]
+        res["iemocap-synthetic"] = {**_earlier("iemocap-synthetic"), **iemocap_synthetic(args.batches, device, methods),
+                                    **_context(device)}
         if not args.skip_demo:
-            res["demo"] = {**demo(device, methods), **_context(device)}
+            res["demo"] = {**_earlier("demo"), **demo(device, methods), **_context(device)}
         res["bench_s"] = round(time.perf_counter() - t, 1)
         res["load_avg_1min_end"] = round(os.getloadavg()[0], 2)
-    write_result("train", _keep_other_methods(res))
-
-
-def _keep_other_methods(res: dict) -> dict:
-    """Each section merged into the earlier bench/results/train.json's, so a run of some methods
-    keeps the others' figures; each method's figures carry the context they were measured in."""
-    import json
-
-    from common import RESULTS
-
-    path = RESULTS / "train.json"
-    old = json.loads(path.read_text()) if path.is_file() else {}
-    for section in ("iemocap-synthetic", "demo"):
-        if section not in res:
-            continue
-        ctx = {k: v for k, v in res[section].items() if not isinstance(v, dict) or k in ("shape", "dims")}
-        for name, v in res[section].items():
-            if isinstance(v, dict) and "epoch_s" in v:
-                v["context"] = {k: ctx[k] for k in ("device", "torch_threads", "load_avg_1min_after", "time") if k in ctx}
-        if isinstance(old.get(section), dict):
-            res[section] = {**old[section], **res[section]}
-    return res
+    write_result("train", res)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ def load_audio(media: Media, sr: int = 16000, min_seconds: float = MIN_SECONDS) 
     path = Path(media.path)
     if not path.is_file():
         raise ValueError(f"{path}: audio file not found; check the manifest's root and media paths")
-    start, end = _check_segment(media, path)
+    start, end = check_segment(media, path)
     try:
         x, native = _read_soundfile(path, start, end)
     except _NotSoundfile:
@@ -50,7 +50,7 @@ def load_audio(media: Media, sr: int = 16000, min_seconds: float = MIN_SECONDS) 
 def audio_duration(media: Media) -> float:
     """Seconds of audio ``media`` covers (its segment, clipped to the file), read from headers only."""
     path = Path(media.path)
-    start, end = _check_segment(media, path)
+    start, end = check_segment(media, path)
     total = _file_duration(path)
     stop = total if end is None else min(end, total)
     return max(0.0, stop - start)
@@ -66,7 +66,7 @@ def _seg(start: float, end: float | None) -> str:
     return "" if start == 0 and end is None else f" segment [{start:g}, {end if end is not None else 'end'}] s"
 
 
-def _check_segment(media: Media, path: Path) -> tuple[float, float | None]:
+def check_segment(media: Media, path: Path) -> tuple[float, float | None]:
     start = 0.0 if media.start is None else float(media.start)
     end = None if media.end is None else float(media.end)
     if start < 0 or (end is not None and end <= start):
@@ -85,6 +85,7 @@ def _read_soundfile(path: Path, start: float, end: float | None) -> tuple[np.nda
         native = f.samplerate
         if f.frames <= 0:
             raise ValueError(f"{path}: audio file has no samples")
+        _note_truncated_wav(path, f)
         first = int(round(start * native))
         if first >= f.frames:
             raise ValueError(f"{path}: segment starts at {start:g} s, after the end of the audio "
@@ -97,6 +98,34 @@ def _read_soundfile(path: Path, start: float, end: float | None) -> tuple[np.nda
         except (sf.LibsndfileError, RuntimeError) as e:
             raise ValueError(f"{path}: corrupt audio data ({e}); re-encode the file") from None
     return x, native
+
+
+def _note_truncated_wav(path: Path, f) -> None:
+    """A WAV whose data chunk is shorter than its header says (a cut or half-copied file) reads
+    without error; say so once per file, on stderr, so the user knows the features cover less."""
+    if f.format not in ("WAV", "WAVEX") or str(path) in _NOTED:
+        return
+    with open(path, "rb") as fh:
+        head = fh.read(1 << 16)
+    pos = 12
+    while pos + 8 <= len(head):  # RIFF chunks: 4-byte id, little-endian 4-byte size, payload (even-padded)
+        cid, size = head[pos:pos + 4], int.from_bytes(head[pos + 4:pos + 8], "little")
+        if cid == b"data":
+            have = path.stat().st_size - (pos + 8)
+            if 0 < have < size and size != 0xFFFFFFFF:
+                import sys
+
+                _NOTED.add(str(path))
+                frame = max(1, f.channels * {"PCM_16": 2, "PCM_24": 3, "PCM_32": 4, "FLOAT": 4, "DOUBLE": 8,
+                                             "PCM_U8": 1}.get(f.subtype, 2))
+                print(f"imer: {path}: truncated WAV: its header announces {size // frame / f.samplerate:.2f} s, the "
+                      f"file holds {have // frame / f.samplerate:.2f} s; features cover only what is there "
+                      "(re-copy or re-encode the file)", file=sys.stderr)
+            return
+        pos += 8 + size + (size & 1)
+
+
+_NOTED: set[str] = set()
 
 
 def _read_av(path: Path, start: float, end: float | None) -> tuple[np.ndarray, int]:

@@ -93,26 +93,23 @@ def normalise(gray64, mean: float = MEAN, std: float = STD):
 
 def save_checkpoint(path: str | Path, model, classes, mean: float, std: float, arch: dict, trained: dict) -> Path:
     """A plain dict of tensors and JSON-like values, loadable with torch.load(weights_only=True)."""
-    import torch
+    from pipeline.fsutil import atomic_torch_save
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     doc = {"format": CHECKPOINT_FORMAT, "arch": dict(arch), "classes": list(classes), "mean": float(mean),
            "std": float(std), "trained": dict(trained),
            "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(doc, tmp)
-    tmp.replace(path)
-    return path
+    return atomic_torch_save(doc, path)
 
 
 def load_checkpoint(path: str | Path, device: str = "cpu"):
     """(model in eval mode on ``device``, checkpoint dict without the weights)."""
-    import torch
+    from pipeline.fsutil import safe_torch_load
 
     path = Path(path)
     try:
-        doc = torch.load(path, map_location="cpu", weights_only=True)
+        doc = safe_torch_load(path, "cpu")
     except Exception as e:  # noqa: BLE001 - pickle/zip errors of a wrong or damaged file
         raise ValueError(f"{path}: not a readable torch checkpoint ({type(e).__name__}: {e}); "
                          "write one with `imer denseface-train`") from None

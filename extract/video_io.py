@@ -17,7 +17,7 @@ from typing import Iterator
 
 import numpy as np
 
-from extract.audio_io import _check_segment  # one rule for audio and video segments
+from extract.audio_io import check_segment  # one rule for audio and video segments
 from manifests.schema import Media
 
 # A frame whose timestamp is within this fraction of a frame period after an output time still
@@ -54,7 +54,7 @@ def iter_frames(media: Media | str | Path, fps: float | None = None) -> Iterator
     ([start, end), whole file when unset), at the native rate (``fps`` None) or at ``fps``."""
     media = media if isinstance(media, Media) else Media(str(media))
     path = Path(media.path)
-    start, end = _check_segment(media, path)
+    start, end = check_segment(media, path)
     if fps is not None and not fps > 0:
         raise ValueError(f"fps must be a positive number or None (native rate), got {fps!r}")
     n = 0

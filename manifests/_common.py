@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Iterable
 
 from manifests.schema import Fold, ManifestError, Utterance, check_speaker_disjoint, write_folds
+from pipeline.fsutil import atomic_write_text
 
 
 def need_root(dataset: str, data_root: Path | None, expected: str) -> Path:
@@ -68,6 +69,12 @@ def split_off(ids: list[str], frac: float, seed: int, labels: dict[str, str | No
 
 def finish_folds(out_dir: Path, protocol: str, folds: list[Fold], utts: list[Utterance], dataset: str) -> Path:
     """Assert the protocol's invariants (disjoint splits, speaker-independent test) and write it."""
+    check_fold_invariants(protocol, folds, utts, dataset)
+    return write_folds(out_dir / f"folds-{protocol}.json", folds, protocol, manifest_ids=[u.id for u in utts])
+
+
+def check_fold_invariants(protocol: str, folds: list[Fold], utts: list[Utterance], dataset: str) -> None:
+    """Disjoint splits, ids of the manifest, non-empty train/test, speaker-independent test."""
     speakers = {u.id: u.speaker for u in utts}
     known = set(speakers)
     for f in folds:
@@ -81,7 +88,6 @@ def finish_folds(out_dir: Path, protocol: str, folds: list[Fold], utts: list[Utt
             raise ManifestError(f"{dataset}/{protocol}: fold {f.name} has an empty train or test split "
                                 f"({len(f.train)}/{len(f.val)}/{len(f.test)}); the data is too small for this protocol")
     check_speaker_disjoint(folds, speakers, where=f"{dataset}/{protocol}")
-    return write_folds(out_dir / f"folds-{protocol}.json", folds, protocol)
 
 
 # ---- documented counts ----------------------------------------------------------------------------
@@ -107,9 +113,9 @@ def stop_on_mismatch(dataset: str, out_dir: Path, report: list[str], accept: boo
         ok.unlink(missing_ok=True)
         return
     text = "\n".join(report) + "\n"
-    path.write_text(text)
+    atomic_write_text(path, text)
     if accept or (ok.is_file() and ok.read_text() == text):
-        ok.write_text(text)
+        atomic_write_text(ok, text)
         print(f"{dataset}: counts differ from the documented ones (accepted; see {path})")
         return
     raise ManifestError(f"{dataset}: the corpus looks complete but its counts differ from the documented ones "

@@ -24,8 +24,9 @@ import pkgutil
 from pathlib import Path
 from types import ModuleType
 
-from manifests.schema import Fold, Manifest, ManifestError, read_folds, read_manifest
+from manifests.schema import Fold, Manifest, ManifestError, check_folds, read_folds, read_manifest
 from pipeline.cache import cache_root
+from pipeline.fsutil import atomic_write_json
 
 
 def recipes() -> dict[str, ModuleType]:
@@ -137,6 +138,14 @@ def load_folds(dataset: str, protocol: str | None = None) -> tuple[str, list[Fol
     return read_folds(path)
 
 
+def check_dataset_folds(manifest: Manifest, dataset: str, protocol: str, folds: list[Fold]) -> None:
+    """Refuse folds that do not belong to ``manifest`` (see schema.check_folds), before any training."""
+    path = manifest_dir(dataset) / f"folds-{protocol}.json"
+    how = ("imer manifest --dataset own --manifest YOUR.csv" if canonical(dataset) == "own"
+           else f"imer manifest --dataset {dataset} --data-root PATH")
+    check_folds(manifest, folds, path, how)
+
+
 # ---- imported feature stores ------------------------------------------------------------------------
 
 def feature_map(dataset: str) -> dict[str, dict] | None:
@@ -148,9 +157,7 @@ def feature_map(dataset: str) -> dict[str, dict] | None:
 def write_feature_map(dataset: str, mapping: dict[str, dict]) -> Path:
     path = manifest_dir(dataset) / "features.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(mapping, indent=1, sort_keys=True))
-    tmp.replace(path)
+    atomic_write_json(path, mapping, sort_keys=True)
     return path
 
 

@@ -13,7 +13,8 @@ Layout written by :func:`generate`::
 Each modality carries the emotion with its own strength, drawn independently per utterance
 (prosody intensity, facial-expression intensity, and whether the sentence is emotional, neutral
 or ambiguous), so no single modality is perfect and fusing them helps, as in real corpora.
-Ground truth the generator knows goes into each record's ``extra`` keys (see ``_record``).
+Ground truth the generator knows goes into each record's ``extra`` keys (see ``_record``); each
+record's ``value`` is a continuous sentiment in [-3, 3] for regression (see ``sentiment``).
 
 Recipe: ``DATASET = "demo"``, protocol ``speaker``, labels ``LABELS`` in label_index order.
 """
@@ -107,6 +108,9 @@ INTENSITY = dict(audio=(0.3, 1.0), video=(0.2, 1.0))  # uniform ranges of per-ut
 TEXT_MIX = dict(p_ambiguous=0.16, p_neutral=0.04)      # sentences that do not show the emotion
 HEAD_AROUSAL = {"neu": 1.0, "hap": 1.04, "ang": 1.12, "sad": 0.92}  # head-motion amplitude factor
 SAD_HEAD_DROP = 0.5         # pixels the head hangs lower when sad
+# Continuous sentiment in [-3, 3] (the MOSI/MOSEI scale), for the regression path: the emotion's
+# valence times how strongly voice and face show it (the drawn intensities, which the media carry).
+VALENCE = {"neu": 0.0, "hap": 1.0, "ang": -1.0, "sad": -1.0}
 
 
 def _size(size) -> Size:
@@ -246,8 +250,15 @@ def _render(p: Plan, speech: np.ndarray, out: Path) -> Utterance:
         raise DemoError(f"{out / mp4}: wrote {written} of {n} frames")
     return Utterance(
         id=p.id, dataset=DATASET, speaker=spk.id, label=p.label, label_index=LABELS.index(p.label),
-        audio=Media(str(wav)), video=Media(str(mp4)), text=p.text,
+        value=sentiment(p.label, p.audio_intensity, p.video_intensity), audio=Media(str(wav)), video=Media(str(mp4)), text=p.text,
         extra=_record(p, spk, len(audio) / SR, n, occluded))
+
+
+def sentiment(label: str, audio_intensity: float, video_intensity: float) -> float:
+    """The demo's regression target: 3 x valence(label) x the mean of the audio and video
+    intensities, rounded to 0.01; neutral is 0, the others lie in +-[0.75, 3]."""
+    v = 3.0 * VALENCE[label] * (float(audio_intensity) + float(video_intensity)) / 2.0
+    return round(min(3.0, max(-3.0, v)), 2) + 0.0  # + 0.0: no -0.0 in the manifest
 
 
 def _record(p: Plan, spk: Speaker, duration: float, n_frames: int, occluded) -> dict:
@@ -399,6 +410,8 @@ def build(data_root: Path | None, out_dir: Path) -> Path:
                                 "regenerate the corpus (delete the directory and rerun)")
             m.path = str(rel)
         u.label_index = LABELS.index(u.label)
+        # from the record's ground truth, so corpora generated before the value existed get it too
+        u.value = sentiment(u.label, u.extra["audio_intensity"], u.extra["video_intensity"])
         u.dataset = DATASET
         utts.append(u)
     out_dir = Path(out_dir)

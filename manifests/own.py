@@ -7,6 +7,12 @@ CSV may add ``audio_start``, ``audio_end``, ``video_start``, ``video_end`` (seco
 ``video_side`` (left/right); in JSONL ``audio``/``video`` may instead be objects
 ``{"path", "start", "end", "side"}``. Other columns are kept under ``extra``.
 
+Labels: declare the class list (``--classes hap,neu,ang,sad``) and a label outside it is an error
+naming the row; without one, the classes are the labels found (a class with a single utterance
+is reported: often a typo). The manifest and its folds are written together (folds first, then
+the manifest, then ``source.json``, which marks the pair complete), and the fold options (k,
+seed, classes) of a conversion are kept for the next one that does not give them.
+
 Protocol ``kfold`` (k folds, default 5, seeded): speaker-independent when speakers are given
 (scikit-learn StratifiedGroupKFold; an utterance without a speaker is its own group), else
 stratified by label (StratifiedKFold, or KFold without labels). Fold i tests on part i, validates
@@ -17,14 +23,17 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
+import sys
 import warnings
 from pathlib import Path
 
 import numpy as np
 
-from manifests._common import finish_folds
-from manifests.schema import Fold, ManifestError, Media, Utterance, write_manifest
+from manifests._common import check_fold_invariants
+from manifests.schema import Fold, ManifestError, Media, Utterance, read_utf8, write_folds, write_manifest
+from pipeline.fsutil import atomic_write_json
 
 DATASET = "own"
 PROTOCOLS = ["kfold"]
@@ -37,7 +46,7 @@ def _rows(source: Path):
     """(line number, dict) per utterance from a CSV/TSV or JSONL file."""
     suffix = source.suffix.lower()
     if suffix in (".csv", ".tsv"):
-        with open(source, newline="", encoding="utf-8-sig") as f:
+        with io.StringIO(read_utf8(source, "utf-8-sig"), newline="") as f:
             reader = csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",")
             if not reader.fieldnames or "id" not in [c.strip() for c in reader.fieldnames]:
                 raise ManifestError(f"{source}:1: header has no 'id' column (found: {reader.fieldnames}); "
@@ -45,9 +54,14 @@ def _rows(source: Path):
             for row in reader:
                 if None in row:
                     raise ManifestError(f"{source}:{reader.line_num}: more fields than header columns")
+                if None in row.values():  # DictReader's filler for cells the row does not have
+                    have = sum(v is not None for v in row.values())
+                    raise ManifestError(f"{source}:{reader.line_num}: {have} field(s), the header has "
+                                        f"{len(reader.fieldnames)} columns; give every column a cell (empty cells "
+                                        "are fine: a,b,,d)")
                 yield reader.line_num, {k.strip(): (v.strip() if isinstance(v, str) else v) for k, v in row.items()}
     elif suffix in (".jsonl", ".json", ".ndjson"):
-        with open(source, encoding="utf-8") as f:
+        with io.StringIO(read_utf8(source)) as f:
             for no, line in enumerate(f, 1):
                 if not line.strip():
                     continue
@@ -99,7 +113,8 @@ def _media(row: dict, key: str, base: Path, where: str) -> Media | None:
     return m
 
 
-def convert(source: Path, base: Path) -> tuple[list[Utterance], list[str] | None]:
+def convert(source: Path, base: Path, classes: list[str] | None = None) -> tuple[list[Utterance], list[str] | None]:
+    """Utterances and class names (``classes`` in that order when declared; else the labels found)."""
     recs = []
     for no, row in _rows(source):
         where = f"{source}:{no}"
@@ -108,6 +123,9 @@ def convert(source: Path, base: Path) -> tuple[list[Utterance], list[str] | None
             raise ManifestError(f"{where}: empty id; every utterance needs a unique id")
         label = row.get("label")
         label = None if label is None or label == "" else str(label)
+        if classes and label is not None and label not in classes:
+            raise ManifestError(f"{where}: label {label!r} is not one of the declared classes {', '.join(classes)}; "
+                                "fix the label, or add the class to --classes")
         text = row.get("text")
         recs.append(Utterance(
             id=str(uid).strip(), dataset=DATASET,
@@ -127,7 +145,15 @@ def convert(source: Path, base: Path) -> tuple[list[Utterance], list[str] | None
         u.extra.pop("_line")
     if not recs:
         raise ManifestError(f"{source}: no utterances")
-    names = sorted({u.label for u in recs if u.label is not None}) or None
+    names = list(classes) if classes else (sorted({u.label for u in recs if u.label is not None}) or None)
+    if not classes and names and len(names) > 1:
+        counts = {c: sum(u.label == c for u in recs) for c in names}
+        for c, n in counts.items():
+            if n == 1:
+                uid = next(u.id for u in recs if u.label == c)
+                print(f"imer: {source}:{seen[uid]}: class {c!r} has a single utterance ({uid!r}); a typo? "
+                      f"declare the classes with --classes {','.join(x for x in names if counts[x] > 1)}",
+                      file=sys.stderr)
     for u in recs:
         if names and u.label is not None:
             u.label_index = names.index(u.label)
@@ -171,8 +197,22 @@ def _digest(source: Path) -> str:
     return hashlib.blake2b(source.read_bytes(), digest_size=16).hexdigest()
 
 
-def build(data_root: Path | None, out_dir: Path, source: str | Path | None = None, k: int = 5,
-          seed: int = 0, **_) -> Path:
+def _options(out_dir: Path, k, seed, classes) -> tuple[int, int, list[str] | None]:
+    """The fold options: given ones, else those of the previous conversion, else 5 folds, seed 0."""
+    try:
+        prev = json.loads((out_dir / "source.json").read_text())
+    except (OSError, ValueError):
+        prev = {}
+    if isinstance(classes, str):
+        classes = [c.strip() for c in classes.split(",") if c.strip()]
+    if classes is not None and len(set(classes)) != len(classes):
+        raise ManifestError(f"own: --classes {','.join(classes)} names a class twice")
+    return (int(k if k is not None else prev.get("k", 5)), int(seed if seed is not None else prev.get("seed", 0)),
+            classes if classes is not None else prev.get("classes"))
+
+
+def build(data_root: Path | None, out_dir: Path, source: str | Path | None = None, k: int | None = None,
+          seed: int | None = None, classes=None, **_) -> Path:
     if source is None:
         raise ManifestError("own: no utterance list given; pass --manifest FILE (make: MANIFEST=FILE), a CSV or JSONL "
                             "with at least an 'id' column (see `imer manifest --help`)")
@@ -180,7 +220,9 @@ def build(data_root: Path | None, out_dir: Path, source: str | Path | None = Non
     if not source.is_file():
         raise ManifestError(f"{source}: file not found; pass the CSV/JSONL that lists your utterances")
     base = Path(data_root).expanduser().resolve() if data_root else source.parent
-    stamp = {"source": str(source), "digest": _digest(source), "base": str(base), "k": k, "seed": seed}
+    k, seed, classes = _options(out_dir, k, seed, classes)
+    stamp = {"source": str(source), "digest": _digest(source), "base": str(base), "k": k, "seed": seed,
+             "classes": classes}
     stamp_path = out_dir / "source.json"
     path = out_dir / "manifest.jsonl"
     if path.is_file() and (out_dir / "folds-kfold.json").is_file() and stamp_path.is_file():
@@ -189,8 +231,13 @@ def build(data_root: Path | None, out_dir: Path, source: str | Path | None = Non
                 return path  # same file, same options: the cached conversion stands
         except json.JSONDecodeError:
             pass
-    utts, names = convert(source, base)
+    # everything that can fail comes before the first write; then folds, manifest, and the stamp
+    # last: a run killed in between leaves no stamp, so the next one converts again
+    utts, names = convert(source, base, classes)
+    folds = kfold(utts, k, seed)
+    check_fold_invariants("kfold", folds, utts, DATASET)
+    stamp_path.unlink(missing_ok=True)
+    write_folds(out_dir / "folds-kfold.json", folds, "kfold", manifest_ids=[u.id for u in utts])
     write_manifest(path, utts, DATASET, names, base)
-    finish_folds(out_dir, "kfold", kfold(utts, k, seed), utts, DATASET)
-    stamp_path.write_text(json.dumps(stamp, indent=1))
+    atomic_write_json(stamp_path, stamp)
     return path

@@ -102,17 +102,18 @@ def write_manifest(path: Path | str, utts: Iterable[Utterance], dataset: str,
     path.parent.mkdir(parents=True, exist_ok=True)
     head = {"_manifest": 1, "dataset": dataset, "labels": labels,
             "root": str(root) if root is not None else None}
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    seen: set[str] = set()
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(json.dumps(head) + "\n")
+    from pipeline.fsutil import atomic_write_lines
+
+    def lines():
+        seen: set[str] = set()
+        yield json.dumps(head)
         for u in utts:
             if u.id in seen:
                 raise ManifestError(f"{path}: duplicate utterance id {u.id!r}")
             seen.add(u.id)
-            f.write(json.dumps(u.to_json(), ensure_ascii=False) + "\n")
-    tmp.replace(path)
-    return path
+            yield json.dumps(u.to_json(), ensure_ascii=False)
+
+    return atomic_write_lines(path, lines())
 
 
 def read_manifest(path: Path | str) -> Manifest:
@@ -122,28 +123,27 @@ def read_manifest(path: Path | str) -> Manifest:
     utts: list[Utterance] = []
     head: dict = {}
     seen: set[str] = set()
-    with open(path, encoding="utf-8") as f:
-        for no, line in enumerate(f, 1):
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                d = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ManifestError(f"{path}:{no}: not valid JSON ({e.msg}); each line must be one JSON object") from None
-            if no == 1 and "_manifest" in d:
-                head = d
-                continue
-            root = Path(head["root"]) if head.get("root") else path.parent
-            try:
-                u = Utterance.from_json(d, root)
-            except (KeyError, TypeError) as e:
-                raise ManifestError(f"{path}:{no}: bad utterance record ({e}); 'id' is required, "
-                                    "audio/video are {{path, start, end[, side]}}") from None
-            if u.id in seen:
-                raise ManifestError(f"{path}:{no}: duplicate utterance id {u.id!r}")
-            seen.add(u.id)
-            utts.append(u)
+    for no, line in enumerate(read_utf8(path).split("\n"), 1):
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            d = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ManifestError(f"{path}:{no}: not valid JSON ({e.msg}); each line must be one JSON object") from None
+        if no == 1 and "_manifest" in d:
+            head = d
+            continue
+        root = Path(head["root"]) if head.get("root") else path.parent
+        try:
+            u = Utterance.from_json(d, root)
+        except (KeyError, TypeError) as e:
+            raise ManifestError(f"{path}:{no}: bad utterance record ({e}); 'id' is required, "
+                                "audio/video are {{path, start, end[, side]}}") from None
+        if u.id in seen:
+            raise ManifestError(f"{path}:{no}: duplicate utterance id {u.id!r}")
+        seen.add(u.id)
+        utts.append(u)
     dataset = head.get("dataset") or (utts[0].dataset if utts else path.parent.name)
     return Manifest(utts, dataset, head.get("labels"), Path(head["root"]) if head.get("root") else path.parent, path)
 
@@ -168,14 +168,56 @@ def check_speaker_disjoint(folds: list[Fold], speakers: dict[str, str | None], w
             raise ManifestError(f"{where}: fold {f.name}: speakers {sorted(both)} are in both train and test")
 
 
-def write_folds(path: Path | str, folds: list[Fold], protocol: str) -> Path:
+def ids_digest(ids) -> str:
+    """A short hash of a set of utterance ids: what a fold file records of its manifest."""
+    import hashlib
+
+    return hashlib.blake2b("\n".join(sorted(ids)).encode("utf-8"), digest_size=12).hexdigest()
+
+
+def write_folds(path: Path | str, folds: list[Fold], protocol: str, manifest_ids=None) -> Path:
+    """``manifest_ids``: the ids of the manifest written with these folds; their digest is stored so
+    a later check can tell folds that belong to another version of the manifest."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     doc = {"protocol": protocol, "folds": [asdict(f) for f in folds]}
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(doc, indent=1))
-    tmp.replace(path)
-    return path
+    if manifest_ids is not None:
+        doc["manifest_ids"] = ids_digest(manifest_ids)
+    from pipeline.fsutil import atomic_write_json
+
+    return atomic_write_json(path, doc)
+
+
+def check_folds(manifest: Manifest, folds: list[Fold], path: Path | str, rebuild: str) -> None:
+    """Folds must belong to ``manifest``: every id they name is in it, and (fold files that record
+    it) the manifest's id set is the one they were written with. ``rebuild``: the command that
+    writes both again, for the message."""
+    ids = {u.id for u in manifest}
+    for f in folds:
+        unknown = (set(f.train) | set(f.val) | set(f.test)) - ids
+        if unknown:
+            raise ManifestError(f"{path}: fold {f.name} names {len(unknown)} utterance(s) not in the manifest "
+                                f"{manifest.path} (e.g. {sorted(unknown)[0]!r}): the folds and the manifest are "
+                                f"out of step; rebuild both with `{rebuild}`")
+    try:
+        want = json.loads(Path(path).read_text()).get("manifest_ids")
+    except (OSError, ValueError, AttributeError):
+        want = None
+    if want is not None and want != ids_digest(ids):
+        raise ManifestError(f"{path}: these folds were written for another version of the manifest "
+                            f"{manifest.path} (its utterance ids changed since); rebuild both with `{rebuild}`")
+
+
+def read_utf8(path: Path | str, encoding: str = "utf-8") -> str:
+    """The file's text; a file that is not UTF-8 is a ManifestError naming the file, line and byte."""
+    path = Path(path)
+    raw = path.read_bytes()
+    try:
+        return raw.decode(encoding)
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise ManifestError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}); "
+                            "save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`)") from None
 
 
 def read_folds(path: Path | str) -> tuple[str, list[Fold]]:

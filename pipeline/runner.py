@@ -22,7 +22,8 @@ from extract import base
 from extract.base import Extractor, ExtractorUnavailable, Failure
 from manifests.schema import Manifest, Utterance
 from pipeline.cache import cache_root
-from pipeline.store import FeatureStore, store_path
+from pipeline.fsutil import atomic_write_json
+from pipeline.store import FeatureStore, StoreDamaged, _damage_message, store_path
 
 
 @dataclass
@@ -38,6 +39,7 @@ class Summary:
     failed_before: dict[str, str] = field(default_factory=dict)  # failed earlier, same source (not retried)
     no_source: int = 0  # utterances without this modality in the manifest (missing by design)
     skipped: str | None = None  # why the stage did not run (extractor unavailable)
+    repaired: int = 0  # damaged utterances recomputed (repair=True)
     seconds: float = 0.0
 
     @property
@@ -50,6 +52,7 @@ class Summary:
         s = (f"{self.key}: computed {self.computed}, cached {self.cached}, failed {len(self.failed)}"
              + (f" (+{len(self.failed_before)} failed earlier, not retried)" if self.failed_before else "")
              + (f", without this modality {self.no_source}" if self.no_source else "")
+             + (f", repaired {self.repaired} damaged" if self.repaired else "")
              + f" in {self.seconds:.1f} s -> {self.path}")
         for uid, why in list(self.all_failed.items())[:20]:
             s += f"\n  failed {uid}: {why}"
@@ -157,9 +160,7 @@ def _save_digests(manifest: Manifest, saved: dict, extra: set[str] = frozenset()
     path = _digest_file(manifest.dataset)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(new))
-        tmp.replace(path)
+        atomic_write_json(path, new, indent=None)
     except OSError:
         pass  # only a speed-up: a read-only cache still works
 
@@ -172,8 +173,10 @@ def store_attrs(ext: Extractor, dataset: str) -> dict:
             "frame_rate": ext.frame_rate}
 
 
-def plan(ext: Extractor, manifest: Manifest, store: FeatureStore | None, retry_failed: bool = False):
-    """(todo [(utt, fingerprint)], cached, failed_before {id: reason}, no_source)."""
+def plan(ext: Extractor, manifest: Manifest, store: FeatureStore | None, retry_failed: bool = False,
+         force=frozenset()):
+    """(todo [(utt, fingerprint)], cached, failed_before {id: reason}, no_source); ids in ``force``
+    (damaged entries being repaired) are computed again whatever the store holds."""
     state = store.state() if store is not None else {}
     fails = store.failures() if store is not None else {}
     todo, cached, failed_before, no_source = [], 0, {}, 0
@@ -183,7 +186,7 @@ def plan(ext: Extractor, manifest: Manifest, store: FeatureStore | None, retry_f
             continue
         fp = ext.fingerprint(u)
         have = state.get(u.id)
-        if have is not None and have[0] == fp and (have[1] or not retry_failed):
+        if have is not None and have[0] == fp and (have[1] or not retry_failed) and u.id not in force:
             if have[1]:
                 cached += 1
             else:
@@ -279,17 +282,62 @@ class _Cluster:
             self.cluster.close()
 
 
-def _batches(todo: list, size: int) -> list[list]:
+def _blocks(todo: list, pos: dict, size: int) -> list[tuple[int, list]]:
+    """Batches of ``todo`` by fixed manifest position (block k = positions [k*size, (k+1)*size)),
+    so two processes planning the same manifest agree on which batch an utterance is in."""
     size = max(1, int(size))
-    return [todo[i:i + size] for i in range(0, len(todo), size)]
+    out: dict[int, list] = {}
+    for u in todo:
+        out.setdefault(pos[u.id] // size, []).append(u)
+    return sorted(out.items())
+
+
+class _Claims:
+    """One lock file per batch next to the store (``<key>.claims/``): a process computes a batch
+    only while it holds its claim, so two concurrent runs split the work instead of both doing
+    all of it. flock-based: the claim of a killed process is released by the OS."""
+
+    def __init__(self, store_path: Path, size: int):
+        self.dir = Path(store_path).with_name(Path(store_path).name + ".claims")
+        self.size = int(size)
+
+    def take(self, block: int, wait: bool):
+        import filelock
+
+        self.dir.mkdir(parents=True, exist_ok=True)
+        lock = filelock.FileLock(str(self.dir / f"{block}-{self.size}.lock"))
+        try:
+            lock.acquire(timeout=-1 if wait else 0)
+        except filelock.Timeout:
+            return None
+        return lock
 
 
 def _run_stage(ext: Extractor, store: FeatureStore, todo: list, summ: Summary, cluster: _Cluster | None,
-               bar) -> None:
+               bar, pos: dict | None = None, replace=frozenset(), retry_failed: bool = False) -> None:
     fps = {u.id: fp for u, fp in todo}
+    pos = pos or {u.id: i for i, (u, _) in enumerate(todo)}
+    done_here: set[str] = set()
+
+    def pending(b: list) -> list:
+        """What of batch ``b`` still needs computing (another process may have committed it)."""
+        store.refresh()
+        state = store.state()
+        out = []
+        for u in b:
+            have = state.get(u.id)
+            if u.id in replace and u.id not in done_here:
+                out.append(u)
+            elif have is None or have[0] != fps[u.id] or (not have[1] and retry_failed):
+                out.append(u)
+        if len(out) < len(b):
+            summ.cached += len(b) - len(out)
+            bar.update(len(b) - len(out))
+        return out
 
     def commit(results: list) -> None:
-        written = set(store.commit({uid: (r, fps[uid]) for uid, r in results}))
+        written = set(store.commit({uid: (r, fps[uid]) for uid, r in results}, replace=replace - done_here))
+        done_here.update(uid for uid, _ in results)
         failures = store.failures()
         for uid, r in results:
             if uid in failures:  # failed now (a retried failure that fails again is not rewritten)
@@ -300,42 +348,88 @@ def _run_stage(ext: Extractor, store: FeatureStore, todo: list, summ: Summary, c
                 summ.computed += 1
         bar.update(len(results))
 
-    batches = _batches([u for u, _ in todo], ext.batch_size)
+    claims = _Claims(store.path, ext.batch_size)
+    blocks = _blocks([u for u, _ in todo], pos, ext.batch_size)
+    deferred = []
     if cluster is None:
         ext.ensure_loaded()
-        for b in batches:
-            commit(list(zip([u.id for u in b], _extract_safely(ext, b))))
+
+        def claimed(k, b, wait: bool) -> bool:
+            """Extract batch ``k`` under its claim; False when another run holds it (no wait)."""
+            lock = claims.take(k, wait=wait)  # with wait: returns once the other run committed (or died)
+            if lock is None:
+                return False
+            try:
+                b = pending(b)
+                if b:
+                    commit(list(zip([u.id for u in b], _extract_safely(ext, b))))
+            finally:
+                lock.release()
+            return True
+
+        # a batch another run is computing is left for the end, then waited for
+        deferred = [(k, b) for k, b in blocks if not claimed(k, b, wait=False)]
+        for k, b in deferred:
+            claimed(k, b, wait=True)
         return
     from distributed import as_completed
 
     client = cluster.get()
     recipe = (type(ext), ext.device, dict(ext.params), {n: str(s.path) for n, s in ext.upstream.items()})
     token = uuid.uuid4().hex
-    futures = [client.submit(_work, token, recipe, b, pure=False) for b in batches]
-    try:
-        for fut in as_completed(futures):
-            commit(fut.result())
-            fut.release()
-    finally:
-        client.cancel([f for f in futures if not f.done()])
+
+    def submit(items, wait: bool) -> None:
+        futures, held = [], {}
+        for k, b in items:
+            lock = claims.take(k, wait=wait)
+            if lock is None:
+                deferred.append((k, b))
+                continue
+            b = pending(b)
+            if not b:
+                lock.release()
+                continue
+            fut = client.submit(_work, token, recipe, b, pure=False)
+            futures.append(fut)
+            held[fut.key] = lock
+        try:
+            for fut in as_completed(futures):
+                commit(fut.result())
+                held.pop(fut.key).release()
+                fut.release()
+        finally:
+            client.cancel([f for f in futures if not f.done()])
+            for lock in held.values():
+                lock.release()
+
+    submit(blocks, wait=False)
+    later, deferred[:] = list(deferred), []
+    for item in later:
+        submit([item], wait=True)
 
 
 def run_features(manifest: Manifest, extractors: list[Extractor], *, workers: int = 1, scheduler: str | None = None,
                  strict: bool = False, progress: bool = True, required: bool = True, retry_failed: bool = False,
-                 processes: bool = True, dtype: str = "float32") -> list[Summary]:
+                 processes: bool = True, dtype: str = "float32", repair: bool = False) -> list[Summary]:
     """Bring every extractor's store for ``manifest.dataset`` up to date with ``manifest``.
 
     ``workers`` > 1 or a ``scheduler`` address runs batches on dask.distributed (local worker
     processes, or threads with ``processes=False``); otherwise in this process. An extractor that
     raises ExtractorUnavailable propagates when ``required``, else its summary says "skipped: why"
     (stages that need it are skipped too). ``strict`` raises StrictFailure once everything is
-    committed if any utterance failed (now or, same source, earlier)."""
+    committed if any utterance failed (now or, same source, earlier).
+
+    Every existing store is read through first (chunk and utterance checksums): a damaged one
+    raises StoreDamaged naming it, unless ``repair``, which recomputes just the damaged
+    utterances from their sources and compacts the store. Two runs on the same store at once
+    split the batches between them (per-batch claims)."""
     from tqdm.auto import tqdm
 
     summaries: list[Summary] = []
     unavailable: dict[str, str] = {}
     cluster = _Cluster(workers, scheduler, processes) if (workers > 1 or scheduler) else None
     saved = _prime_digests(manifest)
+    positions = {u.id: i for i, u in enumerate(manifest)}
     hashed = {k[0] for k in base._DIGESTS}
     model_files: set[str] = set()
     try:
@@ -352,7 +446,11 @@ def run_features(manifest: Manifest, extractors: list[Extractor], *, workers: in
                 unavailable[ext.name] = summ.skipped
                 continue
             store = FeatureStore.open(path) if (path / "zarr.json").is_file() else None
-            todo, summ.cached, summ.failed_before, summ.no_source = plan(ext, manifest, store, retry_failed)
+            damaged = store.damaged() if store is not None else {}
+            if damaged and not repair:
+                raise StoreDamaged(_damage_message(path, damaged), damaged)
+            todo, summ.cached, summ.failed_before, summ.no_source = plan(ext, manifest, store, retry_failed,
+                                                                         force=set(damaged))
             if todo and ext.requires:
                 ups = {n: store_path(manifest.dataset, ext.create_upstream(n).key, dtype) for n in ext.requires}
                 absent = [n for n, p in ups.items() if not (p / "zarr.json").is_file()]
@@ -370,12 +468,21 @@ def run_features(manifest: Manifest, extractors: list[Extractor], *, workers: in
                                                             dtype=dtype)
                     with tqdm(total=len(todo), desc=ext.name, unit="utt", disable=not progress,
                               file=sys.stderr) as bar:
-                        _run_stage(ext, store, todo, summ, cluster, bar)
+                        _run_stage(ext, store, todo, summ, cluster, bar, positions, set(damaged), retry_failed)
                 except ExtractorUnavailable as e:
                     if required:
+                        e.extractor = ext.name
                         raise
                     summ.skipped = str(e)
                     unavailable[ext.name] = str(e)
+            if damaged and store is not None:
+                # superseded damaged entries, and damaged ones no longer in the manifest, leave the store
+                store.compact(drop=set(damaged) - {u.id for u, _ in todo})
+                summ.repaired = len(set(damaged) & {u.id for u, _ in todo})
+                left = store.damaged()
+                if left:
+                    raise StoreDamaged(_damage_message(path, left) + " (still damaged after a repair: "
+                                       "remove the store and extract again)", left)
             summ.seconds = time.perf_counter() - t0
     finally:
         if cluster is not None:
@@ -422,7 +529,26 @@ def ensure_features(dataset: str, specs: dict[str, str | dict], *, device: str =
         if mod in base.MODALITIES and ext.modality != mod:
             raise ValueError(f"extractor {ext.name!r} is a {ext.modality} extractor, not {mod}")
         exts[mod] = ext
-    for s in run_features(man, list(exts.values()), workers=workers, progress=progress):
+    def unavailable(mod: str, name: str, e: Exception) -> ExtractorUnavailable:
+        return ExtractorUnavailable(
+            f"the {mod} extractor {name!r} cannot run here for dataset {dataset!r}: {e}. Two ways out: provide "
+            f"its weights as said, or train on features that run offline: add `--features offline` "
+            f"(train/feature_sets.yaml)")
+
+    for mod, ext in exts.items():
+        try:
+            ext.key  # resolves the model (an unavailable one fails here, before any work)
+        except ExtractorUnavailable as e:
+            raise unavailable(mod, ext.name, e) from None
+    try:
+        summaries = run_features(man, list(exts.values()), workers=workers, progress=progress)
+    except ExtractorUnavailable as e:
+        name = getattr(e, "extractor", None)
+        mod = next((m for m, x in exts.items() if x.name == name), None)
+        if mod is None:
+            raise
+        raise unavailable(mod, name, e) from None
+    for s in summaries:
         if s.computed or s.failed:
             print(f"imer: {s.line()}", file=sys.stderr)
     return {mod: FeatureStore.open(store_path(man.dataset, ext.key)) for mod, ext in exts.items()}

@@ -31,3 +31,14 @@ def tiny_demo(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("demo-tiny")
     return demo.generate(out, seed=0, size="tiny")
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny nets: torch threads only add overhead on a shared 2-core machine (restored after)."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)

@@ -103,6 +103,20 @@ def test_recipe_builds_the_demo_dataset_from_a_corpus(tiny_demo):
     assert all(Path(u.audio.path).is_file() and Path(u.video.path).is_file() for u in m)
 
 
+def test_sentiment_value_follows_valence_and_intensity(tiny_demo):
+    """Every record carries the regression target: 0 for neutral, the valence's sign otherwise,
+    its size 3 x the mean drawn intensity; the generator and the recipe agree on it."""
+    from manifests.datasets import build_manifest
+
+    gen = {u.id: u.value for u in read_manifest(tiny_demo)}
+    m = read_manifest(build_manifest("demo", Path(tiny_demo).parent))
+    for u in m:
+        want = 3 * demo.VALENCE[u.label] * (u.extra["audio_intensity"] + u.extra["video_intensity"]) / 2
+        assert u.value == pytest.approx(want, abs=0.005) and -3 <= u.value <= 3
+        assert np.sign(u.value) == demo.VALENCE[u.label] and gen[u.id] == u.value
+    assert len({u.value for u in m if u.label != "neu"}) > 20  # continuous, not four levels
+
+
 def test_every_media_file_opens(tiny_demo):
     for u in read_manifest(tiny_demo):
         info = sf.info(u.audio.path)

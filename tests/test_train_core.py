@@ -17,12 +17,7 @@ from train.nets import CascadeResidualAE, PlainAE
 from train.synthetic import synthetic_data
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny nets: threads only add overhead on a shared machine
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -224,7 +219,9 @@ def test_mmin_teacher_target_uses_reversed_input(data):
 
 @pytest.mark.parametrize("w", [(1.0, 4.0, 2.0), (0.5, 3.0, 0.7)])
 def test_mmin_loss_composition(data, w):
-    m, _ = _mmin(data, **{"loss.ce": w[0], "loss.forward": w[1], "loss.cycle": w[2]})
+    # PyTorch's init: under the authors' kaiming init (mmin.yaml) the CRA path's gradient is ~1e5
+    # and swamps the cycle target's share that the detach check below measures
+    m, _ = _mmin(data, **{"loss.ce": w[0], "loss.forward": w[1], "loss.cycle": w[2], "model.init": "default"})
     m.eval()  # no dropout, so the hand computation sees the same forward pass
     b = C.apply_availability(_batch(data), P.draw({"kind": "conditions"}, 8, np.random.default_rng(0)))
     total, parts = m.loss(b)

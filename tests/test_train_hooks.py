@@ -27,12 +27,7 @@ FAST = {"train.schedule": {"kind": "linear_decay", "constant": 2, "decay": 1}, "
         "model.encoders.a.hidden": 16, "model.encoders.v.hidden": 16, "model.encoders.t.channels": 16}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -269,3 +264,25 @@ def test_feature_overrides_reach_prerequisites(data, tmp_path):
                          prereq_overrides={"*": {**FAST, **po["*"]}}, progress=False, log=lambda *_: None)
     pre = next(run.glob("prereq/baseline/*/seed0/result.json"))
     assert pre.is_file()
+
+
+def test_report_never_mixes_runs_with_different_folds_or_features(data, tmp_path):
+    from train.report import ReportError, report, update_block
+
+    folds = synthetic_folds(data, 2)
+    quiet = {"progress": False, "log": lambda *_: None, "dataset": "synth", "results_dir": tmp_path}
+    run_experiment(data, folds[:1], load_config("baseline", "demo", FAST), **quiet)
+    run_experiment(data, folds[1:], load_config("baseline-aug", "demo", FAST), **quiet)
+    with pytest.raises(ReportError, match=r"differ in folds: \['f1'\] \(baseline\) vs \['f2'\] \(baseline-aug\)"):
+        report("synth", tmp_path, methods=["baseline", "baseline-aug"])
+    text = report("synth", tmp_path)  # without --methods: one table per comparable group
+    assert text.count("## features") == 2 and "folds" in text
+    feats = {"audio": {"key": "compare-x"}}
+    run_experiment(data, folds[:1], load_config("baseline-aug", "demo", FAST), meta={"features": feats}, **quiet)
+    with pytest.raises(ReportError, match="differ in features"):
+        report("synth", tmp_path, methods=["baseline", "baseline-aug"])
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- report:synth -->\nold table\n<!-- /report -->\nend\n")
+    update_block(readme, "synth", report("synth", tmp_path, methods=["baseline"]))
+    doc = readme.read_text()
+    assert "old table" not in doc and "| baseline | UA |" in doc and doc.endswith("<!-- /report -->\nend\n")

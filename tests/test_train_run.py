@@ -20,12 +20,7 @@ FAST = {"train.schedule": {"kind": "linear_decay", "constant": 2, "decay": 1}, "
         "model.encoders.a.hidden": 32, "model.encoders.v.hidden": 32, "model.encoders.t.channels": 32}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +42,7 @@ def _trainer(data, fold, out, cfg, callbacks=(), seed=0):
 
 
 def _weights(path):
-    return torch.load(path, weights_only=False)["model"]
+    return torch.load(path, weights_only=True)["model"]
 
 
 def _strip(history):
@@ -69,7 +64,7 @@ def test_selection_reads_train_and_val_only(data, tmp_path):
     # the kept epoch is the best validation epoch
     scores = [h["val_score"] for h in summary["history"]]
     assert summary["best_epoch"] == int(np.argmax(scores)) + 1 and summary["best_score"] == max(scores)
-    ck = torch.load(tmp_path / "a" / "best.pt", weights_only=False)
+    ck = torch.load(tmp_path / "a" / "best.pt", weights_only=True)
     assert ck["epoch"] == summary["best_epoch"] and ck["score"] == summary["best_score"]
 
 

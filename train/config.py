@@ -123,4 +123,26 @@ def load_config(name: str, dataset: str | None = None, overrides: dict | None = 
         set_dotted(cfg, k, v)
     cfg["name"] = name
     cfg.setdefault("method", name)
+    _check_values(cfg, name)
     return cfg
+
+
+def _check_values(cfg: dict, name: str) -> None:
+    """Values that would otherwise fail deep inside training (a zero batch size, zero epochs)."""
+    t = cfg.get("train") or {}
+    for key in ("batch_size", "epochs"):
+        v = t.get(key)
+        if v is None and key == "epochs":
+            continue
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ConfigError(f"train.{key} must be a positive integer, got {v!r} "
+                              f"(train/configs/{name}.yaml or --set train.{key}=N)")
+
+
+def feature_set(name: str) -> dict:
+    """A named feature set of train/feature_sets.yaml ({modality: extractor spec})."""
+    path = Path(__file__).parent / "feature_sets.yaml"
+    sets = yaml.safe_load(path.read_text()) or {}
+    if name not in sets:
+        raise ConfigError(f"--features {name!r}: no such feature set in {path}; known: {', '.join(sets)}")
+    return sets[name]

@@ -2,8 +2,10 @@
 
 Shapes follow the authors' code (AIM3-RUC/MMIN, see SPEC.md §3): EncA/EncV a 1-layer LSTM with
 max-pooling over time, EncT a TextCNN, a fully connected classifier, and the cascade residual
-autoencoder (CRA). Unlike the authors' code, pooling skips batch padding (their max-pool ran
-over padded steps, so an utterance's embedding depended on its batch-mates' lengths).
+autoencoder (CRA). Unlike the authors' code, pooling skips batch padding by default (their max-pool
+ran over padded steps, so an utterance's embedding depended on its batch-mates' lengths);
+``pool_over_padding: true`` on an encoder gives their behaviour. ``init_weights`` is the authors'
+initialisation (``model.init``).
 """
 
 from __future__ import annotations
@@ -19,19 +21,26 @@ class LSTMEncoder(nn.Module):
 
     The LSTM runs over the padded batch and the pooling skips the padding: a unidirectional LSTM's
     output at step t < length never sees the padding, so this equals running on packed sequences,
-    whose backward pass is 20-50x slower on CPU (torch 2.13: 92 s vs 2 s for 128 x 600 frames)."""
+    whose backward pass is 20-50x slower on CPU (torch 2.13: 92 s vs 2 s for 128 x 600 frames).
 
-    def __init__(self, in_dim: int, hidden: int = 128, pool: str = "max"):
+    ``pool_over_padding=True`` is the authors' code (AIM3-RUC/MMIN lstm.py): max / mean over every
+    step of the padded batch, ``last`` = the state after the padding, so the embedding depends on
+    the batch's longest utterance; imer's default pools over the utterance's own steps only."""
+
+    def __init__(self, in_dim: int, hidden: int = 128, pool: str = "max", pool_over_padding: bool = False):
         super().__init__()
         if pool not in ("max", "last", "mean"):
             raise ValueError(f"LSTM pool must be max, last or mean, got {pool!r}")
         self.rnn = nn.LSTM(in_dim, hidden, batch_first=True)
         self.pool = pool
+        self.pool_over_padding = bool(pool_over_padding)
         self.out_dim = hidden
 
     def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         T = x.shape[1]
         lengths = lengths.to(x.device).clamp(min=1, max=T)
+        if self.pool_over_padding:  # the authors' behaviour: the padding counts as steps
+            lengths = torch.full_like(lengths, T)
         out, _ = self.rnn(x)
         if self.pool == "last":
             return out[torch.arange(len(out), device=x.device), lengths - 1]
@@ -43,10 +52,13 @@ class LSTMEncoder(nn.Module):
 
 class TextCNN(nn.Module):
     """Kim's TextCNN: parallel 1-D convolutions (kernels 3/4/5 over the whole feature dim),
-    ReLU, max over positions, dropout, Linear + ReLU to the embedding."""
+    ReLU, max over positions, dropout, Linear + ReLU to the embedding. The max skips windows that
+    start in the batch padding unless ``pool_over_padding`` (the authors' textcnn.py)."""
 
-    def __init__(self, in_dim: int, embed: int = 128, channels: int = 128, kernels=(3, 4, 5), dropout: float = 0.5):
+    def __init__(self, in_dim: int, embed: int = 128, channels: int = 128, kernels=(3, 4, 5), dropout: float = 0.5,
+                 pool_over_padding: bool = False):
         super().__init__()
+        self.pool_over_padding = bool(pool_over_padding)
         self.kernels = tuple(int(k) for k in kernels)
         self.convs = nn.ModuleList(nn.Conv1d(in_dim, channels, k) for k in self.kernels)
         self.dropout = nn.Dropout(dropout)
@@ -59,6 +71,8 @@ class TextCNN(nn.Module):
         if xt.shape[2] < kmax:  # short utterances: zero-pad so the widest kernel fits once
             xt = nn.functional.pad(xt, (0, kmax - xt.shape[2]))
         lengths = lengths.to(x.device)
+        if self.pool_over_padding:
+            lengths = torch.full_like(lengths, xt.shape[2])
         pooled = []
         for conv, k in zip(self.convs, self.kernels):
             a = torch.relu(conv(xt))  # (B, C, P)
@@ -86,6 +100,33 @@ class FcClassifier(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
+
+
+INIT_KINDS = ("default", "kaiming", "normal")
+
+
+def init_weights(module: nn.Module, spec) -> nn.Module:
+    """The authors' ``init_net`` (AIM3-RUC/MMIN models/networks/tools.py, also IF-MMIN's), config
+    ``model.init``: on every Linear and Conv layer, ``kaiming`` = kaiming_normal_ (fan-in, gain
+    sqrt(2)) or ``normal`` = N(0, std) (``{kind: normal, std: 0.012}``, their ``init_gain``), and a
+    zero bias. LSTMs keep PyTorch's init, as in their code. ``default`` (or none) leaves PyTorch's
+    init (uniform, about 2.4x smaller than kaiming for these layers)."""
+    spec = {"kind": spec} if isinstance(spec, str) or spec is None else dict(spec)
+    kind = spec.get("kind") or "default"
+    if kind not in INIT_KINDS:
+        raise ValueError(f"model.init {kind!r} unknown; use {', '.join(INIT_KINDS)}")
+    if kind == "default":
+        return module
+    std = float(spec.get("std", 0.012))
+    for m in module.modules():
+        if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d)):
+            if kind == "kaiming":
+                nn.init.kaiming_normal_(m.weight, a=0, mode="fan_in")
+            else:
+                nn.init.normal_(m.weight, 0.0, std)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+    return module
 
 
 def make_encoder(kind: str, in_dim: int, **kw) -> nn.Module:

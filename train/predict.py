@@ -126,13 +126,12 @@ def predict_features(run_dir: Path, seqs: dict, fold: str | None = None, device:
 def predict(run, audio=None, video=None, text=None, fold=None, device: str = "cpu", results_dir=None) -> dict:
     """Label and class probabilities of one recording given any subset of audio file, video file
     and transcript, with the models of training run ``run``."""
-    import torch
-
     from pipeline.device import resolve_device
+    from pipeline.fsutil import safe_torch_load
 
     run_dir = resolve_run(run, results_dir)
     device = resolve_device(device)
-    ck = torch.load(checkpoints(run_dir, fold)[0], map_location="cpu", weights_only=False)
+    ck = safe_torch_load(checkpoints(run_dir, fold)[0], "cpu")
     cfg, dims = ck["config"], ck["spec"]["dims"]
     feats = json.loads((run_dir / "run.json").read_text()).get("features", {}) if (run_dir / "run.json").is_file() else {}
     imported = sorted({str(f.get("format")) for f in feats.values() if isinstance(f, dict) and f.get("format")})

@@ -133,7 +133,13 @@ def title(col: str, columns=()) -> str:
 
 # ---- allocation: exact counts from uniform keys ----------------------------------------------------
 
+_WARNED: set = set()
+
+
 def _warn_cap(rate: float) -> None:
+    if rate in _WARNED:  # once per process and rate: it is said, not repeated per batch
+        return
+    _WARNED.add(rate)
     warnings.warn(f"missing rate {rate:g} exceeds {(M - 1) / M:.3f}, the most that keeps one modality per "
                   "sample; every sample keeps exactly one modality instead", stacklevel=3)
 

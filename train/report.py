@@ -129,12 +129,12 @@ def _group_rows(members: dict[str, Path]):
     return rows, notes, metric, task
 
 
-def update_block(path, dataset: str, text: str) -> None:
-    """Replace the lines between ``<!-- report:<dataset> -->`` and ``<!-- /report -->`` in the
+def update_block(path, block: str, text: str) -> None:
+    """Replace the lines between ``<!-- report:<block> -->`` and ``<!-- /report -->`` in the
     Markdown file ``path`` with ``text``: README tables are pasted by this, never by hand."""
     p = Path(path)
     doc = p.read_text()
-    start, end = f"<!-- report:{dataset} -->", "<!-- /report -->"
+    start, end = f"<!-- report:{block} -->", "<!-- /report -->"
     i = doc.find(start)
     j = doc.find(end, i + len(start)) if i >= 0 else -1
     if i < 0 or j < 0:

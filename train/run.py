@@ -32,6 +32,7 @@ import yaml
 
 from pipeline.cache import config_hash
 from pipeline.device import torch_threads
+from pipeline.fsutil import atomic_write_json, atomic_write_text
 from train import metrics, protocols
 from train.config import ConfigError, load_config
 from train.data import MultimodalData, Normalizer
@@ -94,9 +95,13 @@ def parse_seeds(seeds) -> list[int] | None:
     if isinstance(seeds, str):
         seeds = [s for s in seeds.split(",") if s.strip()]
     try:
-        return [int(s) for s in seeds]
+        out = [int(s) for s in seeds]
     except ValueError:
         raise ConfigError(f"seeds must be integers, e.g. 0,1,2; got {seeds!r}") from None
+    bad = [s for s in out if not 0 <= s < 2 ** 32]
+    if bad:  # numpy's seeding refuses them, after the run was marked running
+        raise ConfigError(f"seeds must be integers in [0, 2**32), e.g. 0,1,2; got {bad[0]}")
+    return out
 
 
 class Experiment:
@@ -167,6 +172,9 @@ class Experiment:
         res["test"].update({c: metrics.compute(task, r["y"], r["out"]) for c, r in test.items()})
         res.setdefault("realised_mr", {}).update({c: protocols.realised_rate(r["avail"]) for c, r in test.items()})
         res["val"].update({c: metrics.compute(task, r["y"], r["out"]) for c, r in val.items()})
+        # the method's own figures of the selected model on the test split (CM-ARR's t-SNE)
+        figs = best.figures(out_dir, self.data, te, norm, self.device)
+        res["figures"] = sorted({*res.get("figures", []), *(os.path.relpath(f, self.run_dir) for f in figs)})
         res["time_s"] = res.get("time_s", 0.0) + time.perf_counter() - t0
         _write_json(out_dir / "result.json", res)
         (out_dir / "last.pt").unlink(missing_ok=True)  # optimiser state is only needed to resume
@@ -221,7 +229,7 @@ class Experiment:
     # -- the whole run ------------------------------------------------------------------------------
     def run(self, seeds: list[int], meta: dict) -> str:
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "config.yaml").write_text(yaml.safe_dump(self.cfg, sort_keys=False))
+        atomic_write_text(self.run_dir / "config.yaml", yaml.safe_dump(self.cfg, sort_keys=False))
         meta = {**meta, "status": "running", "started": meta.get("started") or time.strftime("%Y-%m-%dT%H:%M:%S"),
                 "folds": [f.name for f in self.folds], "seeds": seeds, "device": self.device,
                 "task": self.data.task, "labels": self.data.labels, "dims": self.data.spec.dims,
@@ -271,9 +279,7 @@ def _finished(d: Path, sig: str) -> bool:
 
 
 def _write_json(path: Path, obj) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, default=str))
-    tmp.replace(path)
+    atomic_write_json(path, obj, default=str)
 
 
 def read_runs(root: Path, pattern: str = "*/run.json"):
@@ -307,7 +313,7 @@ def run_experiment(data: MultimodalData, folds: list, cfg: dict, *, dataset: str
                    log=print) -> Path:
     """Train ``cfg`` on every selected fold x seed of ``data``; returns the run directory."""
     folds = select_folds(folds, fold_select)
-    seeds = parse_seeds(seeds) or [int(s) for s in cfg.get("seeds", [0])]
+    seeds = parse_seeds(seeds) or parse_seeds(cfg.get("seeds", [0]))
     root = results_root(results_dir)
     method_dir = root / safe_name(dataset) / safe_name(cfg["name"])
     cfg_hash = config_hash({k: v for k, v in cfg.items() if k not in ("seeds", "report")}, 12)
@@ -387,14 +393,15 @@ def train_method(dataset: str, method: str, folds=None, seeds=None, device: str 
     """Extract what is missing, train ``method`` on every fold x seed of ``dataset``, evaluate every
     condition and write ``results/<dataset>/<method>/<run-id>/``; returns that directory. On CPU,
     training uses ``threads`` torch threads (default 1, see ``cpu_threads``)."""
-    from manifests.datasets import load_folds, load_manifest
+    from manifests.datasets import check_dataset_folds, load_folds, load_manifest
     from pipeline.device import resolve_device
 
     cfg = load_config(method, dataset, overrides)
     prereq_overrides = prerequisite_overrides(overrides, prereq_overrides)
     dev = resolve_device(device)
     man = load_manifest(dataset, data_root=data_root, manifest=manifest)
-    proto, fold_list = load_folds(dataset, protocol)
+    proto, fold_list = load_folds(dataset, protocol or cfg.get("fold_protocol"))  # CLI, else the config's
+    check_dataset_folds(man, dataset, proto, fold_list)
     stores = ensure_stores(dataset, cfg, dev, data_root, manifest)
     data = build_data(man, stores, cfg)
     meta = {"protocol": proto, "features": store_description(stores),

@@ -13,7 +13,6 @@ training and validation rows: model selection cannot read the test split.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections import defaultdict
@@ -23,8 +22,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from pipeline.fsutil import atomic_torch_save, atomic_write_json, safe_torch_load
 from train import metrics
 from train import protocols
+from train.clipping import clip_gradients
 from train.conditions import apply_availability
 from train.data import DataError, DataSpec, MultimodalData, Normalizer, batch_to
 
@@ -151,9 +152,7 @@ def select_metric(name: str | None, task: str) -> str:
 # ---- the trainer ---------------------------------------------------------------------------------
 
 def _save(obj, path: Path) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    tmp.replace(path)  # atomic: an interruption never leaves half a checkpoint
+    atomic_torch_save(obj, path)  # atomic, and plain values only: loadable with weights_only=True
 
 
 class Trainer:
@@ -209,13 +208,12 @@ class Trainer:
         opt = make_optimizer(groups, self.tcfg["optimizer"])
         sched = make_scheduler(opt, self.tcfg.get("schedule"), epochs)
         scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
-        clip = self.tcfg.get("clip_grad_norm")
         patience = (self.tcfg.get("early_stop") or {}).get("patience")
         bs = int(self.tcfg["batch_size"])
         state = {"epoch": 0, "best_score": None, "best_epoch": None, "bad_epochs": 0, "history": [], "done": False}
 
         if self.last_path.is_file():
-            ck = torch.load(self.last_path, map_location=self.device, weights_only=False)
+            ck = safe_torch_load(self.last_path, self.device)
             if ck.get("signature") == self.signature:
                 self.method.load_state_dict(ck["model"])
                 opt.load_state_dict(ck["optimizer"])
@@ -233,7 +231,7 @@ class Trainer:
         bar = tqdm(range(state["epoch"], epochs), desc=self.desc or "train", leave=False,
                    disable=not self.progress, initial=state["epoch"], total=epochs)
         for epoch in bar:
-            rec = self._train_epoch(epoch, opt, scaler, params, clip, bs)
+            rec = self._train_epoch(epoch, opt, scaler, params, bs)
             rec["lr"] = opt.param_groups[0]["lr"]
             validate = (epoch + 1) % self.val_every == 0 or epoch + 1 == epochs
             if validate:
@@ -258,7 +256,7 @@ class Trainer:
                    "scaler": scaler.state_dict(), "torch_rng": torch.get_rng_state(),
                    "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
                    "state": state, "signature": self.signature}, self.last_path)
-            (self.out_dir / "history.json").write_text(json.dumps(state["history"], indent=1, default=float))
+            atomic_write_json(self.out_dir / "history.json", state["history"], default=float)
             bar.set_postfix(loss=f"{rec['loss']:.3f}", **{f"val_{self.metric}": f"{rec.get('val_score', math.nan):.3f}"})
             for cb in self.callbacks:
                 cb(self, epoch, rec)
@@ -279,7 +277,7 @@ class Trainer:
         return {"val_score": loss if self.metric == "loss" else vm[self.metric], "val_loss": loss,
                 "val": {k: v for k, v in vm.items() if k != "n"}, "val_time_s": time.perf_counter() - t0}
 
-    def _train_epoch(self, epoch, opt, scaler, params, clip, bs) -> dict:
+    def _train_epoch(self, epoch, opt, scaler, params, bs) -> dict:
         rng = np.random.default_rng([self.seed, epoch])
         self.method.train()
         sums: dict[str, float] = defaultdict(float)
@@ -300,9 +298,7 @@ class Trainer:
                                          "lower the learning rate or check the features for inf/NaN")
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
-            if clip:
-                scaler.unscale_(opt)
-                torch.nn.utils.clip_grad_norm_(params, float(clip))
+            clip_gradients(self.method, self.tcfg, params, scaler, opt)
             scaler.step(opt)
             scaler.update()
             sums["loss"] += float(loss.detach()) * n
@@ -325,7 +321,7 @@ def load_checkpoint(path, device: str = "cpu"):
     spec stored in it, weights loaded, in eval mode."""
     from train.methods import build
 
-    ck = torch.load(path, map_location=device, weights_only=False)
+    ck = safe_torch_load(path, device)
     spec = DataSpec(**ck["spec"])
     method = build(ck["config"], spec)
     method.load_state_dict(ck["model"])

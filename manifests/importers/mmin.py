@@ -28,6 +28,7 @@ import numpy as np
 from manifests._common import finish_folds
 from manifests.importers._stores import write_store
 from manifests.schema import Fold, ManifestError, Utterance, write_manifest
+from pipeline.fsutil import atomic_write_text
 
 LABELS = ["ang", "hap", "neu", "sad"]
 SPLITS = ("trn", "val", "tst")
@@ -208,7 +209,7 @@ def import_mmin(feature_root: str | Path, corpus: str | None = None, dataset: st
     write_manifest(out / "manifest.jsonl", utts, dataset, LABELS, None)
     finish_folds(out, CORPORA[corpus]["protocol"], folds, utts, dataset)
     write_feature_map(dataset, mapping)
-    (out / "dataset.json").write_text(_json({"protocols": [CORPORA[corpus]["protocol"]], "imported": "mmin",
+    atomic_write_text(out / "dataset.json", _json({"protocols": [CORPORA[corpus]["protocol"]], "imported": "mmin",
                                              "corpus": corpus, "source": str(root),
                                              "labels": dict(Counter(LABELS[y] for y in labels.values()))}))
     return dataset, mapping

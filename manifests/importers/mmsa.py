@@ -27,6 +27,7 @@ import numpy as np
 from manifests._common import finish_folds
 from manifests.importers._stores import write_store
 from manifests.schema import Fold, ManifestError, Utterance, write_manifest
+from pipeline.fsutil import atomic_write_text
 
 SPLITS = {"train": "train", "valid": "val", "test": "test"}
 DIMS = {(5, 20): "mosi", (74, 35): "mosei"}  # (audio, vision) dims of MMSA's MOSI / MOSEI files
@@ -159,6 +160,6 @@ def import_mmsa(pickle_path: str | Path, corpus: str | None = None, dataset: str
     write_manifest(out / "manifest.jsonl", utts, dataset, None, None)
     finish_folds(out, "standard", [Fold("standard", parts["train"], parts["val"], parts["test"])], utts, dataset)
     write_feature_map(dataset, mapping)
-    (out / "dataset.json").write_text(json.dumps({"protocols": ["standard"], "imported": "mmsa", "corpus": corpus,
+    atomic_write_text(out / "dataset.json", json.dumps({"protocols": ["standard"], "imported": "mmsa", "corpus": corpus,
                                                   "aligned": aligned, "source": str(path)}, indent=1))
     return dataset, mapping

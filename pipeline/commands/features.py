@@ -31,6 +31,11 @@ def add_arguments(p) -> None:
     p.add_argument("--manifest", help="use this manifest.jsonl instead of the cached/built one")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16"], help="stored dtype (default float32)")
     p.add_argument("--retry-failed", action="store_true", help="retry utterances that failed before (same source)")
+    p.add_argument("--repair", action="store_true",
+                   help="recompute the utterances a damaged store lost (else a damaged store is an error)")
+    from pipeline.commands.manifest import add_own_options
+
+    add_own_options(p)
     p.add_argument("--strict", action="store_true", help="exit with status 1 if any utterance failed")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -54,7 +59,9 @@ def main(args) -> int:
               f"{args.dataset} ...) or pass --data-root/--manifest of the raw corpus", file=sys.stderr)
         return 2
     try:
-        man = load_manifest(args.dataset, args.data_root, args.manifest)
+        from pipeline.commands.manifest import own_options
+
+        man = load_manifest(args.dataset, args.data_root, args.manifest, **own_options(args))
         man.dataset = args.dataset
         # 'auto' resolves (importing torch) only once a stage has work, and 'cpu' needs no check:
         # a no-op rerun stays fast
@@ -69,7 +76,8 @@ def main(args) -> int:
                 return 2
         summaries = run_features(man, exts, workers=args.workers, scheduler=args.scheduler, strict=args.strict,
                                  progress=not args.no_progress, required=bool(args.extractors),
-                                 retry_failed=args.retry_failed, processes=not args.threads, dtype=args.dtype)
+                                 retry_failed=args.retry_failed, processes=not args.threads, dtype=args.dtype,
+                                 repair=args.repair)
         status = 0
     except StrictFailure as e:
         summaries, status = e.summaries, 1

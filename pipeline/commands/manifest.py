@@ -21,13 +21,28 @@ def add_arguments(p) -> None:
     p.add_argument("--data-root", help="the corpus folder (see the dataset's layout in README)")
     p.add_argument("--manifest", help="own: your CSV/JSONL listing the utterances (id required; "
                                       "audio, video, text, label, value, speaker optional)")
-    p.add_argument("--folds-k", type=int, default=5, help="own: number of folds (default 5)")
-    p.add_argument("--seed", type=int, default=0, help="seed of random fold assignments (default 0)")
+    add_own_options(p)
+    p.add_argument("--seed", type=int, help="seed of random fold assignments (default 0; own: the last conversion's)")
     p.add_argument("--splits", help="mosi/mosei: JSON {train, valid, test: [video ids]} instead of the CMU SDK's standard lists")
     p.add_argument("--labels", help="mosei: label CSV start,end,video_id,segment_no,label instead of Labels/*.csd")
     p.add_argument("--accept-counts", action="store_true",
                    help="build even though a complete-looking corpus has counts that differ from the documented ones")
     p.add_argument("--show", action="store_true", help="print the counts of the cached manifest without rebuilding")
+
+
+def add_own_options(p) -> None:
+    """The options of an own-corpus conversion: every command that may convert accepts them."""
+    p.add_argument("--folds-k", type=int, help="own: number of folds (default 5, or the last conversion's)")
+    p.add_argument("--folds-seed", type=int, help="own: seed of the fold assignment (default 0, or the last conversion's)")
+    p.add_argument("--classes", help="own: the class list, comma-separated (e.g. hap,neu,ang,sad); a label "
+                                     "outside it is an error naming the row")
+
+
+def own_options(args) -> dict:
+    """Given own-conversion options as build() keywords (those not given are left to the recipe)."""
+    out = {"k": getattr(args, "folds_k", None), "seed": getattr(args, "folds_seed", None),
+           "classes": getattr(args, "classes", None)}
+    return {k: v for k, v in out.items() if v is not None}
 
 
 def main(args) -> int:
@@ -40,11 +55,11 @@ def main(args) -> int:
         if args.show or imported:  # an imported dataset has no raw layout to rebuild from
             path = manifest_dir(args.dataset) / "manifest.jsonl"
         else:
-            options = {"seed": args.seed, "accept_counts": args.accept_counts}
+            options = {"accept_counts": args.accept_counts, **own_options(args)}
+            if args.seed is not None:
+                options["seed"] = args.seed
             if args.manifest:
                 options["source"] = args.manifest
-            if args.dataset == "own":
-                options["k"] = args.folds_k
             if args.splits:
                 options["splits"] = args.splits
             if args.labels:

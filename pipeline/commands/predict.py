@@ -28,12 +28,13 @@ def add_arguments(p) -> None:
 
 def main(args) -> int:
     from extract.base import ExtractorUnavailable
+    from pipeline.fsutil import UnsafeCheckpoint
     from train.predict import PredictError, predict
 
     try:
         res = predict(args.run, audio=args.audio, video=args.video, text=args.text, fold=args.fold,
                       device=args.device, results_dir=args.results)
-    except (PredictError, ExtractorUnavailable) as e:
+    except (PredictError, ExtractorUnavailable, UnsafeCheckpoint) as e:
         print(f"imer predict: {e}", file=sys.stderr)
         return 2
     if args.json:

@@ -8,6 +8,7 @@ grouped, and --methods asks for one table, refused in one line when the runs dif
   imer report --dataset demo
   imer report --dataset demo --methods baseline,mmin
   imer report --dataset demo --readme README.md     # refresh the README's demo table block
+  imer report --dataset demo --methods if-mmin,if-mmin-noinv --readme README.md --block if-mmin-ablation
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ def add_arguments(p) -> None:
     p.add_argument("--dataset", required=True, help="dataset name")
     p.add_argument("--results", help="results root (default $IMER_RESULTS or ./results)")
     p.add_argument("--methods", help="comma-separated methods for one table (default: all, grouped)")
-    p.add_argument("--readme", metavar="FILE", help="also replace the block between '<!-- report:DATASET -->' "
+    p.add_argument("--readme", metavar="FILE", help="also replace the block between '<!-- report:BLOCK -->' "
                                                     "and '<!-- /report -->' in FILE with this output")
+    p.add_argument("--block", help="the block name for --readme (default: the dataset)")
 
 
 def main(args) -> int:
@@ -30,7 +32,7 @@ def main(args) -> int:
     try:
         text = report(args.dataset, args.results, methods=methods)
         if args.readme:
-            update_block(args.readme, args.dataset, text)
+            update_block(args.readme, args.block or args.dataset, text)
     except ReportError as e:
         print(f"imer report: {e}", file=sys.stderr)
         return 2

@@ -1,7 +1,9 @@
-"""Inspect and maintain the feature stores in the cache (ls, verify, gc).
+"""Inspect and maintain the feature stores in the cache (ls, verify, repair, gc).
 
   imer store ls [--dataset D]              one line per store: utterances, failures, dim, size
-  imer store verify [PATH | --dataset D]   index/data consistency, shapes, NaN/Inf; exit 1 on problems
+  imer store verify [PATH | --dataset D]   reads every chunk: checksums, index/data consistency, shapes,
+                                           NaN/Inf; names the damaged utterances; exit 1 on problems
+  imer store repair [PATH | --dataset D]   recompute only the damaged utterances from their sources
   imer store gc [PATH | --dataset D]       drop superseded entries, remove leftovers of crashed runs
 """
 
@@ -16,12 +18,17 @@ def add_arguments(p) -> None:
     sub = p.add_subparsers(dest="store_cmd", metavar="ACTION", required=True)
     ls = sub.add_parser("ls", help="list stores")
     ls.add_argument("--dataset", help="only this dataset")
-    for name, what in (("verify", "check stores"), ("gc", "compact stores and remove leftovers")):
+    for name, what in (("verify", "check stores"), ("repair", "recompute damaged utterances"),
+                       ("gc", "compact stores and remove leftovers")):
         sp = sub.add_parser(name, help=what)
         sp.add_argument("path", nargs="?", help="one store directory")
         sp.add_argument("--dataset", help="every store of this dataset (default: all)")
         if name == "verify":
             sp.add_argument("--no-values", action="store_true", help="skip the NaN/Inf scan of the data")
+        if name == "repair":
+            sp.add_argument("--data-root", help="raw corpus directory, when the cached manifest cannot be used")
+            sp.add_argument("--manifest", help="the manifest (own: your CSV/JSONL) the store was extracted from")
+            sp.add_argument("--device", default="auto", help="auto | cpu | cuda (default auto)")
 
 
 def _size(n: int) -> str:
@@ -39,6 +46,8 @@ def _targets(args) -> list[Path]:
 
 
 def main(args) -> int:
+    from extract.base import ExtractorUnavailable
+    from manifests.schema import ManifestError
     from pipeline.store import FeatureStore, StoreError, stale_dirs
 
     if args.store_cmd == "ls":
@@ -64,9 +73,22 @@ def main(args) -> int:
     if args.path and not (Path(args.path) / "zarr.json").is_file():
         print(f"imer store: {args.path}: no feature store here (see `imer store ls`)", file=sys.stderr)
         return 2
+    if not targets:
+        from pipeline.cache import cache_root
+
+        if args.dataset:
+            known = sorted({p.parent.name for p in _all_stores()})
+            print(f"imer store: no feature stores for dataset {args.dataset!r} in {cache_root() / 'stores'}"
+                  f" (datasets with stores: {', '.join(known) or 'none'})", file=sys.stderr)
+            return 2
+        print(f"imer store: no feature stores in {cache_root() / 'stores'} yet", file=sys.stderr)
+        return 0
     status = 0
     for p in targets:
         try:
+            if args.store_cmd == "repair":
+                status |= _repair(p, args)
+                continue
             s = FeatureStore.open(p)
             if args.store_cmd == "verify":
                 problems = s.verify(check_values=not args.no_values)
@@ -75,7 +97,7 @@ def main(args) -> int:
             else:
                 before, after = s.compact()
                 print(f"{p}: {before} -> {after} index entries" + ("" if before != after else " (nothing to compact)"))
-        except StoreError as e:
+        except (StoreError, ManifestError, ExtractorUnavailable, ValueError) as e:
             print(f"imer store: {e}", file=sys.stderr)
             status = 1
     if args.store_cmd == "gc" and not args.path:
@@ -83,3 +105,41 @@ def main(args) -> int:
             shutil.rmtree(d, ignore_errors=True)
             print(f"removed leftover {d}")
     return int(status)
+
+
+def _all_stores() -> list[Path]:
+    from pipeline.store import list_stores
+
+    return list_stores(None)
+
+
+def _repair(path: Path, args) -> int:
+    """Recompute the damaged utterances of one store from the sources its manifest names."""
+    from manifests.datasets import load_manifest
+    from pipeline.runner import make_extractor, run_features
+    from pipeline.store import FeatureStore, StoreError
+
+    s = FeatureStore.open(path)
+    damaged = s.damaged()
+    if not damaged:
+        print(f"{path}: ok, nothing to repair")
+        return 0
+    a = s.attrs
+    if not a.get("extractor") or not a.get("dataset"):
+        raise StoreError(f"{path}: the store does not say which extractor and dataset made it (imported "
+                         "features?); import or extract it again")
+    ext = make_extractor({"name": a["extractor"], "params": a.get("params") or {}}, args.device)
+    if ext.key != a.get("key"):
+        raise StoreError(f"{path}: this imer's {a['extractor']} has store key {ext.key}, the store {a.get('key')} "
+                         "(extractor or model changed); extract it again instead")
+    from pipeline.store import store_path
+
+    if store_path(a["dataset"], ext.key, s.dtype).resolve() != Path(path).resolve():
+        raise StoreError(f"{path}: not where imer keeps this store ({store_path(a['dataset'], ext.key, s.dtype)}); "
+                         "point IMER_CACHE at the cache it belongs to")
+    man = load_manifest(a["dataset"], args.data_root, args.manifest)
+    man.dataset = a["dataset"]
+    print(f"{path}: repairing {len(damaged)} damaged utterance(s)")
+    for summ in run_features(man, [ext], required=True, dtype=s.dtype, repair=True, progress=False):
+        print(summ.line())
+    return 0

@@ -41,12 +41,21 @@ def add_arguments(p) -> None:
                                                        "(finished fold x seed models are still reused)")
     p.add_argument("--threads", type=int, help="torch threads when training on CPU (default 1: these small nets "
                                                "gain little from more, and lose much on a busy machine)")
+    p.add_argument("--features", metavar="SET", help="train on a named feature set of train/feature_sets.yaml "
+                                                    "instead of the config's (offline: what runs without downloads)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    from pipeline.commands.manifest import add_own_options
+
+    add_own_options(p)
 
 
 def main(args) -> int:
+    from extract.base import ExtractorUnavailable
     from manifests.schema import ManifestError
-    from train.config import ConfigError, list_configs, parse_override
+    from pipeline.commands.manifest import own_options
+    from pipeline.fsutil import UnsafeCheckpoint
+    from pipeline.store import StoreError
+    from train.config import ConfigError, feature_set, list_configs, parse_override
     from train.data import DataError
     from train.protocols import ProtocolError, expand
     from train.run import train_method
@@ -57,15 +66,34 @@ def main(args) -> int:
         print(f"imer train: unknown method(s) {', '.join(unknown)}; known: {', '.join(list_configs())}", file=sys.stderr)
         return 2
     try:
+        from train.run import parse_seeds
+
+        parse_seeds(args.seeds)  # before anything is built or marked running
         overrides = dict(parse_override(o) for o in args.overrides)
+        if args.features:
+            overrides["features"] = feature_set(args.features)
+        if own_options(args):
+            if not args.manifest:
+                raise ManifestError("--folds-k/--folds-seed/--classes convert an own corpus: give its --manifest FILE")
+            from manifests.datasets import load_manifest
+
+            load_manifest(args.dataset, args.data_root, args.manifest, **own_options(args))  # later reads reuse it
         if args.eval:
             overrides["eval.conditions"] = [c for e in args.eval for c in expand(e)]
         for m in methods:
+            prereq = None
+            if args.features:  # a prerequisite (MMIN's baseline) must train on the same features
+                from train.config import load_config
+
+                prereq = {p: {"features": overrides["features"]}
+                          for p in (load_config(m, args.dataset).get("requires") or {}).values()}
             train_method(args.dataset, m, folds=args.folds, seeds=args.seeds, device=args.device,
                          data_root=args.data_root, manifest=args.manifest, protocol=args.protocol,
                          results_dir=args.results, run_id=args.run_id, overrides=overrides,
-                         resume=not args.fresh, progress=not args.no_progress, threads=args.threads)
-    except (ConfigError, DataError, ManifestError, ProtocolError, FileNotFoundError) as e:
+                         resume=not args.fresh, progress=not args.no_progress, threads=args.threads,
+                         prereq_overrides=prereq)
+    except (ConfigError, DataError, ManifestError, FileNotFoundError, StoreError, UnsafeCheckpoint,
+            ExtractorUnavailable, ProtocolError) as e:
         print(f"imer train: {e}", file=sys.stderr)
         return 2
     return 0

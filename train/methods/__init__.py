@@ -44,6 +44,7 @@ from torch import nn
 
 from pipeline.registry import Registry
 from train.data import DataSpec
+from train.nets import init_weights
 
 _REGISTRY = Registry("method", "train.methods")
 
@@ -90,6 +91,12 @@ class Method(nn.Module):
 
     def on_epoch_end(self, epoch: int, record: dict) -> None:
         """Called after every epoch's validation with its history record (may add keys to it)."""
+
+    def figures(self, out_dir, data, idx, normalizer=None, device: str = "cpu") -> list:
+        """Figures of this (selected, tested) model drawn from rows ``idx`` (the test split) of
+        ``data``, written into ``out_dir`` (the fold x seed folder); returns their paths. The
+        runner calls it after testing; none by default."""
+        return []
 
     # -- shared helpers ------------------------------------------------------------------------------
     def inherit(self, prereqs: dict, role: str, parts, teachers: dict[str, str] | None = None) -> None:
@@ -149,5 +156,10 @@ get = _REGISTRY.get
 
 
 def build(cfg: dict, spec: DataSpec) -> Method:
-    """The method a resolved config names (``cfg["method"]``), built for the data ``spec``."""
-    return get(cfg["method"])(cfg, spec)
+    """The method a resolved config names (``cfg["method"]``), built for the data ``spec``, its
+    Linear/Conv layers initialised as ``model.init`` says. This runs before ``attach``, as the
+    authors' ``setup`` (init) ran before their ``post_process`` (pretrained encoders loaded): the
+    init never touches the weights a method takes from its prerequisite."""
+    method = get(cfg["method"])(cfg, spec)
+    init_weights(method, (cfg.get("model") or {}).get("init"))
+    return method

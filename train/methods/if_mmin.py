@@ -33,8 +33,9 @@ running block *input* (block i read h + i·H') instead of Eq. 2; we follow the p
 SPEC.md does. Note that RMSE's gradient does not shrink with the error, so 100·RMSE keeps
 pulling the student encoders at full strength; on the small demo (8 updates per epoch) this
 delays the classifier, hence the demo config's higher learning rate. Schedule 20 + 20 epochs,
-Adam lr 2e-4 beta1 0.5, weight decay 1e-5, batch 128, clip 1.0 (CAP_IFMMIN.sh); pretraining
-batch 64, beta1 0.9, 10 + 10 epochs (CAP_utt_shared.sh).
+Adam lr 2e-4 beta1 0.5, batch 128, each sub-network clipped at 1.0, kaiming init (CAP_IFMMIN.sh;
+its --weight_decay=1e-5 never reaches the authors' Adam, so none); pretraining batch 64, beta1
+0.9, 10 + 10 epochs, clip 0.5 per sub-network (CAP_utt_shared.sh).
 """
 
 from __future__ import annotations

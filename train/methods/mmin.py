@@ -10,8 +10,8 @@ towards it; a backward module maps h' back to h (cycle consistency).
     L = ce * CE + forward * MSE(teacher(reversed input), h') + cycle * MSE(h.detach(), backward(h'))
 
 Weights, schedule and sizes are the authors' released values (SPEC.md §3): ce 1, forward 4,
-cycle 2, Adam lr 2e-4 beta1 0.5, batch 128, 30 epochs constant + 30 linear decay, clip 1.0,
-classifier dropout 0.5. Config switches give the paper's ablations: ``model.imagination.kind: ae``
+cycle 2, Adam lr 2e-4 beta1 0.5, batch 128, 30 epochs constant + 30 linear decay, each
+sub-network's gradient norm clipped at 1.0, kaiming init, classifier dropout 0.5 (issue 13). Config switches give the paper's ablations: ``model.imagination.kind: ae``
 (MMIN-AE: one plain autoencoder of about the same size) and ``loss.cycle: 0`` (MMIN-NoCycle: no
 backward module). ``model.share_weights: true`` makes the forward and backward modules one
 (the authors' MSP-IMPROV setting).

@@ -1,0 +1,115 @@
+"""The comparison benchmark (train/compare.py, train/compare_report.py) on tiny synthetic data:
+same numbers on 1 and 2 dask workers, resume without retraining, feature sets reaching the
+prerequisites, paired tests equal to scipy's, refusal of runs that differ."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from scipy.stats import wilcoxon
+
+from train.compare import compare, plan
+from train.compare_report import _check_comparable, paired_test
+from train.report import ReportError
+from train.synthetic import synthetic_data, synthetic_folds
+
+TINY = {"train.schedule": {"kind": "linear_decay", "constant": 1, "decay": 1}, "train.batch_size": 16,
+        "model.encoders.a.hidden": 8, "model.encoders.v.hidden": 8, "model.encoders.t.channels": 8}
+
+
+@pytest.fixture(scope="module")
+def data():
+    return synthetic_data(n=48, seed=2, absent=0.1)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """One 2-worker LocalCluster for the module (starting one costs seconds)."""
+    from dask.distributed import LocalCluster
+
+    c = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0")
+    yield c.scheduler_address
+    c.close()
+
+
+def _run(data, tmp, methods, workers=1, features=None, scheduler=None):
+    folds = synthetic_folds(data, 2)
+    return compare("demo", methods, overrides=TINY, features=features, seeds=[0], workers=workers,
+                   scheduler=scheduler, results_dir=tmp, data=data, fold_list=folds, progress=False,
+                   log=lambda *_: None)
+
+
+def _results(root, method):
+    return {p.parent.parent.name: json.loads(p.read_text())["test"]
+            for p in sorted(root.glob(f"demo/{method}/compare-*/folds/*/seed0/result.json"))}
+
+
+def test_plan_puts_prerequisites_first(data):
+    folds = synthetic_folds(data, 2)
+    jobs = plan(["mmin", "baseline-aug"], folds, [0, 1], "demo")
+    names = [j.method for j in jobs]
+    assert names.index("baseline") < names.index("mmin")
+    assert {j.method for j in jobs if not j.listed} == {"baseline"} and len(jobs) == 3 * 2 * 2
+
+
+def test_two_workers_give_the_numbers_of_one_and_resume_reuses(data, tmp_path, cluster):
+    methods = ["baseline-aug", "mmin"]
+    out1 = _run(data, tmp_path / "w1", methods, workers=1)
+    out2 = _run(data, tmp_path / "w2", methods, scheduler=cluster)  # a LocalCluster of 2 workers
+    for m in methods:
+        assert _results(tmp_path / "w1", m) == _results(tmp_path / "w2", m)
+    report = (out1 / "report.md").read_text()
+    assert "MR avg 0.1–0.7" in report and "η avg 0.1–0.5" in report and "Wilcoxon" in report
+    assert (out1 / "curves.png").is_file() and (out1 / "confusion.png").is_file()
+    info = json.loads((out1 / "compare.json").read_text())
+    assert not info["failed"] and info["workers"] == 1
+
+    # a comparison killed after some jobs: the rerun trains only what is missing
+    run_dir = next((tmp_path / "w1").glob("demo/mmin/compare-*"))
+    lost = run_dir / "folds" / "f2" / "seed0"
+    for f in lost.iterdir():
+        f.unlink()
+    kept = {p: p.stat().st_mtime_ns for p in (tmp_path / "w1").glob("demo/*/compare-*/folds/f1/seed0/best.pt")}
+    _run(data, tmp_path / "w1", methods, scheduler=cluster)
+    assert all(p.stat().st_mtime_ns == t for p, t in kept.items())  # finished jobs untouched
+    assert (lost / "best.pt").is_file() and _results(tmp_path / "w1", "mmin") == _results(tmp_path / "w2", "mmin")
+
+
+def test_a_feature_set_reaches_the_prerequisites(data, tmp_path, cluster):
+    feats = {"audio": {"name": "egemaps"}, "video": {"name": "openface"}, "text": {"name": "minilm-l6"}}
+    out = _run(data, tmp_path, ["mmin"], features=feats, scheduler=cluster)  # mmin's baseline must read the same features
+    cfg = (next(tmp_path.glob("demo/mmin/compare-*")) / "config.yaml").read_text()
+    assert "egemaps" in cfg and json.loads((out / "compare.json").read_text())["failed"] == {}
+    assert next(tmp_path.glob("demo/mmin/compare-*/prereq/baseline/*/seed0/result.json")).is_file()
+
+
+def test_paired_test_equals_scipy():
+    rng = np.random.default_rng(0)
+    a = {(f"f{i}", s): {"average": float(v)} for (i, s), v in zip([(i, s) for i in range(5) for s in (0, 1)],
+                                                                   rng.random(10))}
+    b = {k: {"average": v["average"] - 0.05 + 0.02 * rng.standard_normal()} for k, v in a.items()}
+    keys = sorted(a)
+    want = wilcoxon([a[k]["average"] for k in keys], [b[k]["average"] for k in keys])
+    got = paired_test(a, b, "average")
+    assert got["p"] == pytest.approx(want.pvalue) and got["statistic"] == pytest.approx(want.statistic)
+    assert got["n"] == 10
+    assert paired_test(a, a, "average")["p"] == 1.0  # identical runs: no difference
+
+
+def test_report_refuses_runs_that_differ(tmp_path):
+    runs = {}
+    for m, folds, seeds in (("a", ["f1", "f2"], [0]), ("b", ["f1", "f2"], [0]), ("c", ["f1"], [0])):
+        d = tmp_path / m
+        d.mkdir()
+        (d / "run.json").write_text(json.dumps({"folds": folds, "seeds": seeds, "task": "classification",
+                                                "features": {"audio": {"key": "compare-1"}}}))
+        runs[m] = d
+    _check_comparable({k: runs[k] for k in ("a", "b")})
+    with pytest.raises(ReportError, match="differs from a's in folds"):
+        _check_comparable(runs)
+    (runs["b"] / "run.json").write_text(json.dumps({"folds": ["f1", "f2"], "seeds": [1], "task": "classification",
+                                                    "features": {"audio": {"key": "compare-1"}}}))
+    with pytest.raises(ReportError, match="seeds"):
+        _check_comparable({k: runs[k] for k in ("a", "b")})

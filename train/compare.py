@@ -1,0 +1,245 @@
+"""The comparison benchmark: every method under identical features, folds, seeds and protocols.
+
+``compare()`` plans one job per (method, fold, seed), plus the prerequisites the methods build on
+(MMIN's baseline, IF-MMIN's pretraining), and runs them as tasks on dask.distributed: a
+LocalCluster of ``workers`` processes by default, or an existing scheduler. A dependant's task
+waits for its prerequisite's. A failed task is retried once, then reported; the others go on.
+
+Every job is an ordinary fold x seed of an ordinary run, ``results/<dataset>/<method>/compare-<id>/``
+(so ``imer report`` and the reuse of finished models work on it as on any run): a killed
+comparison resumes where it stopped, and a rerun trains nothing that is finished. Each job is
+evaluated under every protocol's columns (fixed conditions, MR 0 ... 0.7, eta 0 ... 0.5). The
+comparison's own report goes to ``results/<dataset>/compare/<id>/`` (``train.compare_report``).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.cache import config_hash
+from pipeline.fsutil import atomic_write_json
+from train import protocols
+from train.config import list_configs, load_config
+
+DEFAULT_METHODS = ["baseline", "baseline-aug", "mmin", "if-mmin", "emmr", "cm-arr", "imder"]
+COLUMNS = [*protocols.expand("conditions"), *protocols.expand("missing-rate"), *protocols.expand("missing-ratio")]
+
+
+@dataclass(frozen=True)
+class Job:
+    method: str  # config name
+    fold: str
+    seed: int
+    listed: bool = True  # False: a prerequisite that is not itself compared
+
+    @property
+    def key(self) -> str:
+        return f"{self.method}/{self.fold}/s{self.seed}"
+
+
+@dataclass
+class Context:
+    """What a worker needs to rebuild the data: a dataset name (stores read from the cache) or a
+    ready MultimodalData (tests), the folds, and the overrides every config gets."""
+
+    dataset: str
+    folds: list
+    overrides: dict
+    results_dir: str
+    compare_id: str
+    device: str = "cpu"
+    data: object = None  # MultimodalData, else built from the dataset's manifest and stores
+    data_root: str | None = None
+    manifest: str | None = None
+    progress: bool = False
+
+    def config(self, name: str) -> dict:
+        return load_config(name, self.dataset, {**self.overrides, "eval.conditions": COLUMNS})
+
+    def data_for(self, cfg: dict):
+        if self.data is not None:
+            return self.data
+        key = config_hash({"features": cfg["features"], "data": cfg.get("data")}, 16)
+        if key not in _DATA:
+            from manifests.datasets import load_manifest
+            from train.run import build_data, ensure_stores
+
+            man = load_manifest(self.dataset, data_root=self.data_root, manifest=self.manifest)
+            stores = ensure_stores(self.dataset, cfg, self.device, self.data_root, self.manifest)
+            _DATA[key] = build_data(man, stores, cfg)
+        return _DATA[key]
+
+
+_DATA: dict = {}  # per worker process: data modules already built
+
+
+def plan(methods: list[str], folds: list, seeds: list[int], dataset: str) -> list[Job]:
+    """Jobs in dependency order: every prerequisite before its dependants."""
+    out: list[Job] = []
+    seen: set[str] = set()
+
+    def visit(name: str, listed: bool, stack=()):
+        if name in stack:
+            raise ValueError(f"train/configs/{name}.yaml: 'requires' loops through {' -> '.join(stack + (name,))}")
+        for req in (load_config(name, dataset).get("requires") or {}).values():
+            visit(req, req in methods, stack + (name,))
+        if name not in seen:
+            seen.add(name)
+            out.extend(Job(name, f.name, s, listed) for f in folds for s in seeds)
+
+    for m in methods:
+        visit(m, True)
+    return out
+
+
+def run_job(job: Job, ctx: Context, *_deps) -> dict:
+    """One fold x seed of one method, in a worker (``_deps``: finished prerequisite jobs)."""
+    from pipeline.device import torch_threads
+    from train.run import Experiment, results_root, safe_name
+
+    cfg = ctx.config(job.method)
+    data = ctx.data_for(cfg)
+    fold = next(f for f in ctx.folds if f.name == job.fold)
+    run_dir = results_root(ctx.results_dir) / safe_name(ctx.dataset) / safe_name(job.method) / f"compare-{ctx.compare_id}"
+    exp = Experiment(data, ctx.folds, cfg, run_dir, dataset=ctx.dataset, device=ctx.device,
+                     root=results_root(ctx.results_dir), prereq_overrides={"*": ctx.overrides},
+                     progress=False, log=lambda *_: None)
+    t0 = time.perf_counter()
+    with torch_threads(ctx.device, 1):
+        res = exp.run_fold(cfg, fold, job.seed, run_dir / "folds" / safe_name(job.fold) / f"seed{job.seed}")
+    return {"job": job.key, "time_s": time.perf_counter() - t0, "signature": res["signature"]}
+
+
+def compare_id(dataset: str, methods: list[str], overrides: dict, folds: list, seeds: list[int]) -> str:
+    """Same comparison, same id: a rerun resumes into the same folders."""
+    return config_hash({"dataset": dataset, "methods": sorted(methods), "overrides": overrides,
+                        "folds": [f.name for f in folds], "seeds": seeds, "columns": COLUMNS}, 10)
+
+
+def sweep(jobs: list[Job], ctx: Context, workers: int = 1, scheduler: str | None = None, log=print) -> dict:
+    """Run ``jobs`` on dask.distributed; {job key: outcome or error text}."""
+    from dask.distributed import Client, LocalCluster, as_completed
+    from tqdm.auto import tqdm
+
+    cluster = None
+    if scheduler:
+        client = Client(scheduler)
+    else:
+        cluster = LocalCluster(n_workers=max(1, int(workers)), threads_per_worker=1, processes=True,
+                               dashboard_address=":0")
+        client = Client(cluster)
+    futures, outcomes = {}, {}
+    try:
+        for job in jobs:
+            deps = [futures[d.key] for d in _requires(job, jobs, ctx.dataset)]
+            futures[job.key] = client.submit(run_job, job, ctx, *deps, key=f"imer-{ctx.compare_id}-{job.key}",
+                                             retries=1, pure=False)
+        bar = tqdm(total=len(futures), desc=f"compare {ctx.dataset}", disable=not ctx.progress)
+        for fut in as_completed(list(futures.values())):
+            key = next(k for k, f in futures.items() if f is fut)
+            try:
+                outcomes[key] = fut.result()
+            except Exception as e:  # noqa: BLE001 - reported, the sweep goes on
+                outcomes[key] = {"job": key, "error": f"{type(e).__name__}: {e}"}
+                log(f"  {key} failed twice: {type(e).__name__}: {e}")
+            bar.update(1)
+        bar.close()
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()
+    return outcomes
+
+
+def _requires(job: Job, jobs: list[Job], dataset: str) -> list[Job]:
+    names = (load_config(job.method, dataset).get("requires") or {}).values()
+    return [j for j in jobs if j.method in names and j.fold == job.fold and j.seed == job.seed]
+
+
+def finish_runs(ctx: Context, methods: list[str], seeds: list[int], meta: dict) -> dict[str, Path]:
+    """Write run.json and the run outputs of every compared method's run folder; {method: run dir}."""
+    from train.results import write_run_outputs
+    from train.run import eval_columns, results_root, safe_name
+
+    out = {}
+    for m in methods:
+        cfg = ctx.config(m)
+        run_dir = results_root(ctx.results_dir) / safe_name(ctx.dataset) / safe_name(m) / f"compare-{ctx.compare_id}"
+        if not any(run_dir.glob("folds/*/seed*/result.json")):
+            continue
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(_yaml(cfg))
+        data = ctx.data_for(cfg)
+        m_meta = {**meta, "dataset": ctx.dataset, "method": m, "run_id": run_dir.name, "status": "complete",
+                  "folds": [f.name for f in ctx.folds], "seeds": seeds, "task": data.task, "labels": data.labels,
+                  "dims": data.spec.dims, "data_signature": data.signature, "columns": eval_columns(cfg),
+                  "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        write_run_outputs(run_dir, cfg, m_meta)
+        atomic_write_json(run_dir / "run.json", m_meta, default=str)
+        out[m] = run_dir
+    return out
+
+
+def _yaml(obj) -> str:
+    import yaml
+
+    return yaml.safe_dump(obj, sort_keys=False)
+
+
+def compare(dataset: str, methods=None, *, features: dict | None = None, overrides: dict | None = None,
+            folds=None, seeds=None, workers: int = 1, scheduler: str | None = None, device: str = "cpu",
+            results_dir=None, data=None, fold_list=None, data_root=None, manifest=None, meta: dict | None = None,
+            progress: bool = True, log=print) -> Path:
+    """Train (or reuse) and evaluate every method on every fold x seed; write the comparison
+    report; returns its folder ``results/<dataset>/compare/<id>/``."""
+    from train.compare_report import write_report
+    from train.config import feature_set
+    from train.run import parse_seeds, results_root, select_folds
+
+    methods = list(methods or [m for m in DEFAULT_METHODS if m in list_configs()])
+    unknown = [m for m in methods if m not in list_configs()]
+    if unknown:
+        raise ValueError(f"unknown method(s) {', '.join(unknown)}; known: {', '.join(list_configs())}")
+    over = copy.deepcopy(overrides or {})
+    if features is None and data is None:  # one feature set for every method
+        if dataset != "demo":
+            raise ValueError(f"compare on {dataset!r} needs --features NAME (one of train/feature_sets.yaml: "
+                             "mmin, emmr, cm-arr, gcnet, offline) so every method reads the same features")
+        features = feature_set("demo")
+    if features:
+        over["features"] = features
+    if fold_list is None:
+        from manifests.datasets import load_folds
+
+        _, fold_list = load_folds(dataset, None)
+    folds_sel = select_folds(fold_list, folds)
+    seeds = parse_seeds(seeds) or [int(s) for s in load_config(methods[0], dataset, over).get("seeds", [0])]
+    cid = compare_id(dataset, methods, over, folds_sel, seeds)
+    ctx = Context(dataset, folds_sel, over, str(results_root(results_dir)), cid, device, data, data_root, manifest,
+                  progress)
+    if data is None:  # extract what is missing once, here, before any worker reads the stores
+        for m in methods:
+            ctx.data_for(ctx.config(m))
+    jobs = plan(methods, folds_sel, seeds, dataset)
+    t0 = time.perf_counter()
+    log(f"compare {cid}: {len(methods)} methods x {len(folds_sel)} folds x {len(seeds)} seeds = "
+        f"{sum(j.listed for j in jobs)} jobs (+{sum(not j.listed for j in jobs)} prerequisite jobs), "
+        f"{workers if not scheduler else 'scheduler'} worker(s)")
+    outcomes = sweep(jobs, ctx, workers, scheduler, log)
+    wall = time.perf_counter() - t0
+    failed = {k: o["error"] for k, o in outcomes.items() if "error" in o}
+    runs = finish_runs(ctx, methods, seeds, {"features_override": features, **(meta or {})})
+    out_dir = results_root(results_dir) / dataset / "compare" / cid
+    out_dir.mkdir(parents=True, exist_ok=True)
+    info = {"id": cid, "dataset": dataset, "methods": methods, "folds": [f.name for f in folds_sel], "seeds": seeds,
+            "features": features, "overrides": overrides or {}, "columns": COLUMNS, "workers": workers,
+            "scheduler": scheduler, "wall_s": wall, "failed": failed,
+            "job_time_s": {k: o.get("time_s") for k, o in outcomes.items()}, "cpu_count": os.cpu_count()}
+    atomic_write_json(out_dir / "compare.json", info, default=str)
+    write_report(out_dir, runs, info)
+    log(f"compare {cid}: {len(outcomes) - len(failed)} jobs done, {len(failed)} failed, {wall:.0f} s -> {out_dir}")
+    return out_dir

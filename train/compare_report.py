@@ -1,0 +1,191 @@
+"""The comparison's report (Markdown + PNG): per protocol a table of methods x columns (mean ± std
+over folds x seeds) with a rank row; paired Wilcoxon signed-rank tests (scipy) of each method
+against the augmented baseline and against MMIN over the (fold, seed) pairs; the score against
+missing rate and missing ratio for every method in one figure; confusion matrices."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from scipy.stats import rankdata, wilcoxon
+
+from train import protocols
+from train.metrics import NAMES
+from train.report import ReportError, comparability, differences
+from train.results import collect
+
+REFERENCES = ("baseline-aug", "mmin")
+ALPHA = 0.05
+
+
+def scores(run_dir: Path, metric: str, columns) -> dict[tuple[str, int], dict[str, float]]:
+    """{(fold, seed): {column: score}} with protocol averages taken per (fold, seed)."""
+    out = {}
+    for r in collect(run_dir):
+        t = r["test"]
+        row = {c: t[c][metric] for c in columns if c in t}
+        for avg in protocols.AVERAGE.values():
+            members = protocols.average_members(avg, columns)
+            if members and all(c in row for c in members):
+                row[avg] = float(np.mean([row[c] for c in members]))
+        out[(r["fold"], int(r["seed"]))] = row
+    return out
+
+
+def paired_test(a: dict, b: dict, column: str) -> dict:
+    """Wilcoxon signed-rank test of a vs b over their common (fold, seed) pairs on ``column``."""
+    pairs = sorted(set(a) & set(b))
+    x = np.array([a[k][column] for k in pairs if column in a[k] and column in b[k]])
+    y = np.array([b[k][column] for k in pairs if column in a[k] and column in b[k]])
+    out = {"n": int(len(x)), "mean_diff": float(np.mean(x - y)) if len(x) else float("nan")}
+    if len(x) < 2 or not np.any(x != y):
+        return {**out, "statistic": float("nan"), "p": 1.0 if len(x) else float("nan")}
+    res = wilcoxon(x, y)
+    return {**out, "statistic": float(res.statistic), "p": float(res.pvalue)}
+
+
+def _check_comparable(runs: dict[str, Path]) -> None:
+    keys = {m: comparability(json.loads((d / "run.json").read_text())) for m, d in runs.items()}
+    first = next(iter(keys))
+    for m, k in keys.items():
+        diff = differences(keys[first], k)
+        if diff:
+            raise ReportError(f"{m}'s run differs from {first}'s in {', '.join(diff)}; a comparison needs "
+                              "identical features, folds, seeds and task")
+
+
+def write_report(out_dir: Path, runs: dict[str, Path], info: dict) -> str:
+    """Write report.md, curves.png and confusion.png into ``out_dir``; return the Markdown."""
+    if not runs:
+        text = "No method finished a job; see compare.json for the errors.\n"
+        (out_dir / "report.md").write_text(text)
+        return text
+    _check_comparable(runs)
+    meta = json.loads((next(iter(runs.values())) / "run.json").read_text())
+    task = meta.get("task", "classification")
+    metric = "ua" if task == "classification" else "acc2"
+    columns = list(info["columns"])
+    sc = {m: scores(d, metric, columns) for m, d in runs.items()}
+    doc = [f"# Comparison on {info['dataset']} ({info['id']})", "",
+           f"Features: {_features(meta)}. Folds: {', '.join(info['folds'])}. Seeds: "
+           f"{', '.join(map(str, info['seeds']))}. Task: {task}. Every method, its prerequisites included, "
+           f"read these features and was tested on the same masks (protocol masks depend on utterance, "
+           f"protocol and seed only). Test {NAMES[metric]}, mean ± std over {len(info['folds']) * len(info['seeds'])} "
+           f"fold × seed pairs. Wall time {info['wall_s']:.0f} s with {info['workers']} worker(s).", ""]
+    for kind, cols in protocols.groups(columns):
+        doc += [f"## {kind}", "", _table(sc, cols, columns), ""]
+        avg = protocols.AVERAGE[kind] if protocols.AVERAGE[kind] in cols else cols[-1]
+        doc += [_tests(sc, avg, columns), ""]
+    if info.get("failed"):
+        doc += ["## Failed jobs", "", *[f"- `{k}`: {v}" for k, v in info["failed"].items()], ""]
+    plot_curves(sc, columns, out_dir / "curves.png", f"{info['dataset']}: test {NAMES[metric]}")
+    plot_confusions(runs, meta.get("labels"), out_dir / "confusion.png", task)
+    doc += ["![score against missing rate and ratio](curves.png)", "", "![confusion matrices](confusion.png)", ""]
+    text = "\n".join(doc)
+    (out_dir / "report.md").write_text(text)
+    return text
+
+
+def _features(meta: dict) -> str:
+    f = meta.get("features") or {}
+    return ", ".join(f"{m} `{(v or {}).get('key') or (v or {}).get('name')}`" for m, v in sorted(f.items())) or "?"
+
+
+def _table(sc: dict, cols: list[str], columns) -> str:
+    """Methods x columns (mean ± std) and a rank row: each method's rank (1 = best) per column."""
+    head = ["Method", *[protocols.title(c, columns) for c in cols]]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    means = []
+    for m, rows in sc.items():
+        vals = [np.array([r[c] for r in rows.values() if c in r]) for c in cols]
+        means.append([float(v.mean()) if len(v) else np.nan for v in vals])
+        cells = [f"{v.mean():.4f} ± {v.std(ddof=1) if len(v) > 1 else 0:.4f}" if len(v) else "–" for v in vals]
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    mat = np.array(means)
+    ranks = np.column_stack([rankdata(-mat[:, j]) for j in range(mat.shape[1])])
+    order = list(sc)
+    lines.append("| rank (1 = best) | " + " | ".join(
+        ", ".join(f"{order[i]} {ranks[i, j]:g}" for i in np.argsort(ranks[:, j], kind="stable")) for j in range(len(cols))) + " |")
+    return "\n".join(lines)
+
+
+def _tests(sc: dict, column: str, columns) -> str:
+    refs = [r for r in REFERENCES if r in sc]
+    if not refs:
+        return f"(No paired test: neither {' nor '.join(REFERENCES)} is in the comparison.)"
+    lines = [f"Paired Wilcoxon signed-rank tests on {protocols.title(column, columns)} over (fold, seed) pairs "
+             f"(α = {ALPHA}):", "", "| Method | " + " | ".join(f"vs {r}: Δ, p" for r in refs) + " |",
+             "|" + "---|" * (len(refs) + 1)]
+    for m in sc:
+        cells = []
+        for r in refs:
+            if m == r:
+                cells.append("—")
+                continue
+            t = paired_test(sc[m], sc[r], column)
+            verdict = "significant" if t["p"] < ALPHA else "not significant"
+            cells.append(f"{t['mean_diff']:+.4f}, p = {t['p']:.3g} ({verdict}, n = {t['n']})")
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_curves(sc: dict, columns, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    kinds = [k for k, _ in protocols.groups(columns) if k != protocols.FIXED]
+    if not kinds:
+        return
+    fig, axes = plt.subplots(1, len(kinds), figsize=(5.5 * len(kinds), 3.8), squeeze=False)
+    for ax, kind in zip(axes[0], kinds):
+        cols = [c for c in dict(protocols.groups(columns))[kind] if c not in protocols.AVERAGE.values()]
+        xs = [protocols.parse(c)[1] for c in cols]
+        for m, rows in sc.items():
+            mean = [np.mean([r[c] for r in rows.values() if c in r]) for c in cols]
+            ax.plot(xs, mean, marker="o", lw=1.2, label=m)
+        ax.set(xlabel="missing rate MR" if kind == protocols.RATE else "missing ratio η", ylabel="score",
+               title=f"{title} vs {kind}")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_confusions(runs: dict[str, Path], labels, path: Path, task: str) -> None:
+    """Per method: confusion over all test predictions, full input and pooled missing conditions."""
+    if task != "classification":
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import confusion_matrix
+
+    k = len(labels or [])
+    fig, axes = plt.subplots(2, len(runs), figsize=(2.6 * len(runs), 5.2), squeeze=False)
+    for j, (m, d) in enumerate(runs.items()):
+        for i, (name, conds) in enumerate((("full", ["avt"]), ("missing", list(protocols.MISSING_CONDITIONS)))):
+            ys, ps = [], []
+            for f in sorted(d.glob("folds/*/seed*/predictions.npz")):
+                z = np.load(f)
+                for c in conds:
+                    if f"{c}_y" in z:
+                        ys.append(z[f"{c}_y"])
+                        ps.append(z[f"{c}_out"].argmax(-1))
+            ax = axes[i][j]
+            if ys:
+                cm = confusion_matrix(np.concatenate(ys), np.concatenate(ps), labels=list(range(k)), normalize="true")
+                ax.imshow(cm, vmin=0, vmax=1, cmap="Blues")
+                for (a, b), v in np.ndenumerate(cm):
+                    ax.text(b, a, f"{v:.2f}", ha="center", va="center", fontsize=6)
+            ax.set_xticks(range(k), labels or [], fontsize=6)
+            ax.set_yticks(range(k), labels or [], fontsize=6)
+            ax.set_title(f"{m} ({name})", fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
