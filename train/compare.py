@@ -68,9 +68,12 @@ class Context:
             from manifests.datasets import load_manifest
             from train.run import build_data, ensure_stores
 
+            from train.run import store_description
+
             man = load_manifest(self.dataset, data_root=self.data_root, manifest=self.manifest)
             stores = ensure_stores(self.dataset, cfg, self.device, self.data_root, self.manifest)
             _DATA[key] = build_data(man, stores, cfg)
+            _DATA[key].features = store_description(stores)  # what the run records and the report shows
         return _DATA[key]
 
 
@@ -108,10 +111,12 @@ def run_job(job: Job, ctx: Context, *_deps) -> dict:
     exp = Experiment(data, ctx.folds, cfg, run_dir, dataset=ctx.dataset, device=ctx.device,
                      root=results_root(ctx.results_dir), prereq_overrides={"*": ctx.overrides},
                      progress=False, log=lambda *_: None)
+    out = run_dir / "folds" / safe_name(job.fold) / f"seed{job.seed}"
+    done_before = (out / "result.json").is_file()
     t0 = time.perf_counter()
     with torch_threads(ctx.device, 1):
-        res = exp.run_fold(cfg, fold, job.seed, run_dir / "folds" / safe_name(job.fold) / f"seed{job.seed}")
-    return {"job": job.key, "time_s": time.perf_counter() - t0, "signature": res["signature"]}
+        res = exp.run_fold(cfg, fold, job.seed, out)
+    return {"job": job.key, "time_s": time.perf_counter() - t0, "signature": res["signature"], "reused": done_before}
 
 
 def compare_id(dataset: str, methods: list[str], overrides: dict, folds: list, seeds: list[int]) -> str:
@@ -177,6 +182,7 @@ def finish_runs(ctx: Context, methods: list[str], seeds: list[int], meta: dict) 
         m_meta = {**meta, "dataset": ctx.dataset, "method": m, "run_id": run_dir.name, "status": "complete",
                   "folds": [f.name for f in ctx.folds], "seeds": seeds, "task": data.task, "labels": data.labels,
                   "dims": data.spec.dims, "data_signature": data.signature, "columns": eval_columns(cfg),
+                  "features": getattr(data, "features", meta.get("features_override")),
                   "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
         write_run_outputs(run_dir, cfg, m_meta)
         atomic_write_json(run_dir / "run.json", m_meta, default=str)
@@ -238,6 +244,7 @@ def compare(dataset: str, methods=None, *, features: dict | None = None, overrid
     info = {"id": cid, "dataset": dataset, "methods": methods, "folds": [f.name for f in folds_sel], "seeds": seeds,
             "features": features, "overrides": overrides or {}, "columns": COLUMNS, "workers": workers,
             "scheduler": scheduler, "wall_s": wall, "failed": failed,
+            "reused_jobs": sum(bool(o.get("reused")) for o in outcomes.values()),
             "job_time_s": {k: o.get("time_s") for k, o in outcomes.items()}, "cpu_count": os.cpu_count()}
     atomic_write_json(out_dir / "compare.json", info, default=str)
     write_report(out_dir, runs, info)

@@ -73,7 +73,8 @@ def write_report(out_dir: Path, runs: dict[str, Path], info: dict) -> str:
            f"{', '.join(map(str, info['seeds']))}. Task: {task}. Every method, its prerequisites included, "
            f"read these features and was tested on the same masks (protocol masks depend on utterance, "
            f"protocol and seed only). Test {NAMES[metric]}, mean ± std over {len(info['folds']) * len(info['seeds'])} "
-           f"fold × seed pairs. Wall time {info['wall_s']:.0f} s with {info['workers']} worker(s).", ""]
+           f"fold × seed pairs. This invocation: {info['wall_s']:.0f} s with {info['workers']} worker(s), "
+           f"{info.get('reused_jobs', 0)} of {len(info.get('job_time_s', {}))} jobs already finished (reused).", ""]
     for kind, cols in protocols.groups(columns):
         doc += [f"## {kind}", "", _table(sc, cols, columns), ""]
         avg = protocols.AVERAGE[kind] if protocols.AVERAGE[kind] in cols else cols[-1]
