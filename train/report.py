@@ -79,6 +79,11 @@ def report(dataset: str, results_dir=None, write: bool = True, methods=None) -> 
     runs = latest_runs(dataset, results_dir)
     root = results_root(results_dir) / safe_name(dataset)
     if methods:
+        from train.config import list_configs
+
+        unknown = [m for m in methods if m not in list_configs() and m not in runs]
+        if unknown:
+            raise ReportError(f"unknown method(s) {', '.join(unknown)}; known: {', '.join(list_configs())}")
         missing = [m for m in methods if m not in runs]
         if missing:
             raise ReportError(f"no complete run of {', '.join(missing)} on {dataset!r} under {root}; "
