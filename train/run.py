@@ -173,8 +173,9 @@ class Experiment:
         res.setdefault("realised_mr", {}).update({c: protocols.realised_rate(r["avail"]) for c, r in test.items()})
         res["val"].update({c: metrics.compute(task, r["y"], r["out"]) for c, r in val.items()})
         # the method's own figures of the selected model on the test split (CM-ARR's t-SNE)
-        figs = best.figures(out_dir, self.data, te, norm, self.device)
-        res["figures"] = sorted({*res.get("figures", []), *(os.path.relpath(f, self.run_dir) for f in figs)})
+        if "figures" not in res:  # they depend on the model only: drawn once, not per new column
+            figs = best.figures(out_dir, self.data, te, norm, self.device)
+            res["figures"] = sorted(os.path.relpath(f, self.run_dir) for f in figs)
         res["time_s"] = res.get("time_s", 0.0) + time.perf_counter() - t0
         _write_json(out_dir / "result.json", res)
         (out_dir / "last.pt").unlink(missing_ok=True)  # optimiser state is only needed to resume
@@ -192,7 +193,7 @@ class Experiment:
             if src is None:
                 return None
             out_dir.mkdir(parents=True, exist_ok=True)
-            for f in ("best.pt", "result.json", "history.json", "predictions.npz"):
+            for f in ("best.pt", "result.json", "history.json", "predictions.npz", *(p.name for p in src.glob("*.png"))):
                 if (src / f).is_file():
                     shutil.copy2(src / f, out_dir / f)
             self.log(f"  {name} {fold.name} seed {seed}: reusing {src}")
