@@ -338,17 +338,63 @@ class MultimodalData:
                 arr[b] = x[lo[b]] * (1 - w[b]) + x[hi[b]] * w[b]
         return arr, valid
 
-    def batches(self, idx, batch_size: int, normalizer: Normalizer | None = None,
-                rng: np.random.Generator | None = None, drop_last: bool = False):
-        """Batches over rows ``idx``; shuffled when ``rng`` is given."""
+    def frames(self, idx, m: str) -> np.ndarray:
+        """Frames modality ``m`` of rows ``idx`` takes in a batch (after max_len / resample_to;
+        an absent modality is one frame)."""
+        ln = self.seqs[m].lengths[np.asarray(idx, dtype=np.int64)]
+        if self.max_len.get(m):
+            ln = np.minimum(ln, self.max_len[m])
+        if self.resample_to:
+            ln = np.where(ln > 0, self.resample_to, 0)
+        return np.maximum(ln, 1)
+
+    def length_order(self, idx) -> np.ndarray:
+        """Positions into ``idx`` sorted by the frames of the modality that makes up most of a
+        batch's elements (frames x dims; audio on every real corpus), then by total frames."""
+        frames = {m: self.frames(idx, m) for m in MODALITIES}
+        main = max(MODALITIES, key=lambda m: float(frames[m].sum()) * self.seqs[m].dim)
+        return np.lexsort((sum(frames.values()), frames[main]))
+
+    def batch_rows(self, idx, batch_size: int, rng: np.random.Generator | None = None,
+                   drop_last: bool = False, bucket: bool = False) -> list[np.ndarray]:
+        """The rows of each batch over ``idx``: shuffled when ``rng`` is given; with ``bucket``,
+        shuffled into pools of 50 batches, each pool sorted by length and cut into batches, and
+        the batch order shuffled (utterances of similar length share a batch: little padding)."""
         idx = np.asarray(idx, dtype=np.int64)
         if rng is not None:
             idx = idx[rng.permutation(len(idx))]
         stop = len(idx) - (len(idx) % batch_size if drop_last else 0)
-        for start in range(0, stop, batch_size):
-            part = idx[start:start + batch_size]
-            if len(part):
-                yield self.collate(part, normalizer)
+        if bucket:
+            idx, pool = idx[:stop], 50 * batch_size
+            idx = np.concatenate([idx[:0]] + [idx[s:s + pool][self.length_order(idx[s:s + pool])]
+                                              for s in range(0, stop, pool)])
+        rows = [idx[s:s + batch_size] for s in range(0, stop, batch_size)]
+        rows = [r for r in rows if len(r)]
+        if bucket and rng is not None:
+            rows = [rows[k] for k in rng.permutation(len(rows))]
+        return rows
+
+    def padding_fraction(self, rows: list[np.ndarray]) -> dict[str, float]:
+        """Share of the batch tensors' frames that are padding, per modality and over all
+        elements (frames x dims) — what length bucketing cuts."""
+        out, pad_el, tot_el = {}, 0.0, 0.0
+        for m in MODALITIES:
+            real = total = 0
+            for r in rows:
+                ln = self.frames(r, m)
+                T = self.max_len[m] if (self.fixed_len and self.max_len.get(m)) else int(ln.max())
+                real, total = real + int(ln.sum()), total + T * len(r)
+            out[m] = 1 - real / total if total else 0.0
+            pad_el += (total - real) * self.seqs[m].dim
+            tot_el += total * self.seqs[m].dim
+        out["all"] = pad_el / tot_el if tot_el else 0.0
+        return out
+
+    def batches(self, idx, batch_size: int, normalizer: Normalizer | None = None,
+                rng: np.random.Generator | None = None, drop_last: bool = False, bucket: bool = False):
+        """Collated batches over rows ``idx`` (see ``batch_rows``)."""
+        for rows in self.batch_rows(idx, batch_size, rng, drop_last, bucket):
+            yield self.collate(rows, normalizer)
 
 
 def batch_to(batch: dict, device) -> dict:

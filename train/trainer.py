@@ -26,7 +26,7 @@ from pipeline.fsutil import atomic_torch_save, atomic_write_json, safe_torch_loa
 from train import metrics
 from train import protocols
 from train.clipping import clip_gradients
-from train.conditions import apply_availability
+from train.conditions import MODALITIES, apply_availability
 from train.data import DataError, DataSpec, MultimodalData, Normalizer, batch_to
 
 
@@ -78,19 +78,33 @@ def make_scheduler(opt, scfg: dict | None, epochs: int):
 
 # ---- evaluation ------------------------------------------------------------------------------------
 
+def shares_encoders(method) -> bool:
+    """True when ``method`` encodes each modality on its own (``Method.encode_each``): evaluation
+    then builds every condition from two encoder passes and may batch by length (a sample's
+    output does not depend on its batch-mates)."""
+    from train.methods import Method
+
+    return type(method).encode_each is not Method.encode_each
+
+
 def evaluate(method, data: MultimodalData, idx, columns, normalizer: Normalizer | None = None,
              batch_size: int = 256, device: str = "cpu", amp: bool = False, seed: int = 0,
-             phase: str = "test") -> dict:
+             phase: str = "test", share: bool = True) -> dict:
     """Raw outputs of ``method`` on rows ``idx`` under each test column (a condition, ``mr=r`` or
     ``eta=x``, see ``train.protocols``): {column: {"index": (N,), "y": (N,), "out": (N, C),
-    "avail": (N, 3)}}.
+    "avail": (N, 3)}}, rows in the order of ``idx``.
     Masks come from (utterance id, protocol, seed), so every method sees the same ones. ``predict``
     gets the masked inputs and ``phase`` only: labels and unmasked inputs are removed first. The
-    torch RNG is forked and seeded, so a stochastic method gives the same numbers every time."""
+    torch RNG is forked and seeded, so a stochastic method gives the same numbers every time.
+    A method with per-modality encoders (``shares_encoders``; ``share=False`` turns this off, for
+    the bench) is encoded twice per batch, as given and with every modality zeroed, and each
+    column's embeddings are picked from those two; its batches are sorted by length (less padding)."""
     columns = list(columns)
     idx = np.asarray(idx, dtype=np.int64)
     ids = [data.ids[i] for i in idx]
     avail = {c: protocols.masks(c, ids, seed) for c in columns}
+    share = share and shares_encoders(method)
+    order = data.length_order(idx) if share else np.arange(len(idx))
     res = {c: {"index": [], "y": [], "out": []} for c in columns}
     was_training = method.training
     method.eval()
@@ -98,25 +112,41 @@ def evaluate(method, data: MultimodalData, idx, columns, normalizer: Normalizer 
     with torch.no_grad(), torch.random.fork_rng(devices=[torch.device(device).index or 0] if cuda else []):
         torch.manual_seed(int(seed))
         start = 0
-        for batch in data.batches(idx, batch_size, normalizer):
+        for batch in data.batches(idx[order], batch_size, normalizer):
             index, y = batch.pop("index").numpy(), batch.pop("y").numpy()
             n = len(index)
+            pos = order[start:start + n]
             batch = batch_to(batch, device)  # once per batch; each column masks it on the device
+            if share:
+                with torch.autocast(device_type="cuda", dtype=torch.float16, enabled=amp):
+                    given = method.encode_each(_without_truth(apply_availability(batch, np.ones((n, 3), bool))))
+                    zeroed = method.encode_each(_without_truth(apply_availability(batch, np.zeros((n, 3), bool))))
             for c in columns:
-                b = apply_availability(batch, avail[c][start:start + n])
+                b = apply_availability(batch, avail[c][pos])
                 b.pop("x_full")
                 b["phase"] = phase
                 with torch.autocast(device_type="cuda", dtype=torch.float16, enabled=amp):
-                    out = method.predict(b)
+                    if share:
+                        keep = b["avail"]
+                        h = {m: torch.where(keep[:, i, None], given[m], zeroed[m]) for i, m in enumerate(MODALITIES)}
+                        out = method.predict_from(h, b)
+                    else:
+                        out = method.predict(b)
                 res[c]["index"].append(index)
                 res[c]["y"].append(y)
                 res[c]["out"].append(out.float().cpu().numpy().reshape(n, -1))
             start += n
     method.train(was_training)
-    out = {c: {k: np.concatenate(v) if v else np.zeros(0) for k, v in r.items()} for c, r in res.items()}
+    back = np.argsort(order, kind="stable")  # rows back in the order of idx
+    out = {c: {k: np.concatenate(v)[back] if v else np.zeros(0) for k, v in r.items()} for c, r in res.items()}
     for c in columns:
         out[c]["avail"] = avail[c]
     return out
+
+
+def _without_truth(batch: dict) -> dict:
+    batch.pop("x_full", None)
+    return batch
 
 
 def pooled(results: dict) -> tuple[np.ndarray, np.ndarray]:
@@ -286,7 +316,8 @@ class Trainer:
         if drop_last and len(self.train_idx) < bs:
             raise DataError(f"{self.desc}: train.drop_last with batch size {bs} leaves no batch of the "
                             f"{len(self.train_idx)} training utterances; lower train.batch_size")
-        for batch in self.data.batches(self.train_idx, bs, self.normalizer, rng=rng, drop_last=drop_last):
+        bucket = bool(self.cfg.get("data", {}).get("bucket", False))
+        for batch in self.data.batches(self.train_idx, bs, self.normalizer, rng=rng, drop_last=drop_last, bucket=bucket):
             n = len(batch["y"])
             avail = protocols.draw(self.tcfg.get("missing"), n, rng)
             b = batch_to(apply_availability(batch, avail), self.device)

@@ -29,6 +29,10 @@ dependent method may load from it; the runner checks that both configs build the
 ``batch["phase"]`` says what a forward pass serves: "train", "val" (model selection) or "test";
 a stochastic method may use fewer sampling steps for "val". Evaluation runs under a seeded RNG.
 
+A method whose modalities are encoded separately before anything mixes them (the baselines,
+MMIN, IF-MMIN) returns those embeddings from ``encode_each`` and predicts from them in
+``predict_from``: evaluating N missing conditions then costs two encoder passes per batch, not N.
+
 Hooks a method may override: ``param_groups`` (its own optimiser groups, e.g. a smaller learning
 rate for pretrained parts) and ``on_epoch_end`` (called after each epoch's validation). The
 trainer owns everything else: missing-modality sampling (config ``train.missing``, see
@@ -91,6 +95,20 @@ class Method(nn.Module):
 
     def on_epoch_end(self, epoch: int, record: dict) -> None:
         """Called after every epoch's validation with its history record (may add keys to it)."""
+
+    # -- optional: per-modality encoding, so evaluation can share it across conditions -------------
+    def encode_each(self, batch: dict) -> dict[str, torch.Tensor] | None:
+        """{m: (B, E_m)} embeddings of ``batch["x"]``, each computed from that sample's modality
+        ``m`` alone (its frames and length), or None when the method has no such encoders. A
+        method that returns them must predict from them through ``predict_from``: the
+        evaluator then encodes each batch twice (modalities as given, and all zeroed) and
+        assembles every test condition from those, instead of a full forward per condition."""
+        return None
+
+    def predict_from(self, h: dict[str, torch.Tensor], batch: dict) -> torch.Tensor:
+        """``predict`` from the per-modality embeddings ``encode_each`` gave (``batch`` is the masked
+        batch, for anything else the method reads)."""
+        raise NotImplementedError(f"{self.name}: encode_each() returns embeddings, so predict_from() is needed")
 
     def figures(self, out_dir, data, idx, normalizer=None, device: str = "cpu") -> list:
         """Figures of this (selected, tested) model drawn from rows ``idx`` (the test split) of

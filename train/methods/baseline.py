@@ -29,8 +29,14 @@ class Baseline(Method):
         """The fused (a, v, t) utterance embedding."""
         return self.encoders.fuse(self.encoders(x, lengths))
 
+    def encode_each(self, batch):
+        return self.encoders(batch["x"], batch["lengths"])
+
+    def predict_from(self, h, batch):
+        return self.classifier(self.encoders.fuse(h))
+
     def predict(self, batch):
-        return self.classifier(self.embed(batch["x"], batch["lengths"]))
+        return self.predict_from(self.encode_each(batch), batch)
 
     def loss(self, batch):
         ce = self.task_loss(self.predict(batch), batch["y"])

@@ -140,8 +140,16 @@ class IFMMINPretrain(Method):
         d = self.encoders.out_dim + len(MODALITIES) * self.invariance.out_dim
         self.classifier = FcClassifier(d, m["classifier"], spec.out_dim, m.get("dropout", 0.3))
 
+    def encode_each(self, batch):
+        return self.encoders(batch["x"], batch["lengths"])
+
+    def predict_from(self, h, batch):
+        return self._parts(h)["logits"]
+
     def forward_parts(self, x, lengths) -> dict:
-        h = self.encoders(x, lengths)
+        return self._parts(self.encoders(x, lengths))
+
+    def _parts(self, h: dict) -> dict:
         H = self.invariance(h)
         feat = torch.cat([self.encoders.fuse(h), self.encoders.fuse(H)], dim=-1)
         return {"h": h, "H": H, "logits": self.classifier(feat)}
@@ -207,8 +215,14 @@ class IFMMIN(Method):
         self.inherit(prereqs, "pretrained", ["encoders", "invariance"],
                      teachers={"teacher": "encoders", "teacher_inv": "invariance"})
 
-    def forward_parts(self, batch) -> dict:
-        h = self.encoders(batch["x"], batch["lengths"])
+    def encode_each(self, batch):
+        return self.encoders(batch["x"], batch["lengths"])
+
+    def predict_from(self, h, batch):
+        return self.forward_parts(batch, h)["logits"]
+
+    def forward_parts(self, batch, h: dict | None = None) -> dict:
+        h = self.encode_each(batch) if h is None else h
         inv = self.encoders.fuse(self.invariance(h))  # H'
         recon, latent = self.imagine(self.encoders.fuse(h), inv)
         return {"h": h, "inv": inv, "recon": recon, "latent": latent, "logits": self.classifier(latent)}

@@ -51,10 +51,16 @@ class MMIN(Method):
     def attach(self, prereqs):
         self.inherit(prereqs, "encoders", ["encoders"], teachers={"teacher": "encoders"})
 
-    def forward_parts(self, batch) -> dict:
-        h = self.encoders.fuse(self.encoders(batch["x"], batch["lengths"]))
+    def encode_each(self, batch):
+        return self.encoders(batch["x"], batch["lengths"])
+
+    def forward_parts(self, batch, h: dict | None = None) -> dict:
+        h = self.encoders.fuse(self.encode_each(batch) if h is None else h)
         recon, latent = self.imagine(h)
         return {"h": h, "recon": recon, "latent": latent, "logits": self.classifier(latent)}
+
+    def predict_from(self, h, batch):
+        return self.forward_parts(batch, h)["logits"]
 
     def predict(self, batch):
         return self.forward_parts(batch)["logits"]
