@@ -22,6 +22,7 @@ from extract import base
 from extract.base import Extractor, ExtractorUnavailable, Failure
 from manifests.schema import Manifest, Utterance
 from pipeline.cache import cache_root
+from pipeline.cluster import Cluster
 from pipeline.fsutil import atomic_write_json
 from pipeline.store import FeatureStore, StoreDamaged, _damage_message, store_path
 
@@ -254,34 +255,6 @@ def _work(token: str, recipe: tuple, utts: list[Utterance]) -> list:
     return [(u.id, r) for u, r in zip(utts, _extract_safely(ext, utts))]
 
 
-class _Cluster:
-    """A dask.distributed client, started on first use (a run with nothing to do starts none)."""
-
-    def __init__(self, workers: int, scheduler: str | None, processes: bool):
-        self.workers, self.scheduler, self.processes = workers, scheduler, processes
-        self.client = self.cluster = None
-
-    def get(self):
-        if self.client is None:
-            import logging
-
-            from distributed import Client, LocalCluster
-
-            if self.scheduler:
-                self.client = Client(self.scheduler)
-            else:
-                self.cluster = LocalCluster(n_workers=self.workers, threads_per_worker=1, processes=self.processes,
-                                            dashboard_address=None, silence_logs=logging.ERROR)
-                self.client = Client(self.cluster)
-        return self.client
-
-    def close(self):
-        if self.client is not None:
-            self.client.close()
-        if self.cluster is not None:
-            self.cluster.close()
-
-
 def _blocks(todo: list, pos: dict, size: int) -> list[tuple[int, list]]:
     """Batches of ``todo`` by fixed manifest position (block k = positions [k*size, (k+1)*size)),
     so two processes planning the same manifest agree on which batch an utterance is in."""
@@ -313,7 +286,7 @@ class _Claims:
         return lock
 
 
-def _run_stage(ext: Extractor, store: FeatureStore, todo: list, summ: Summary, cluster: _Cluster | None,
+def _run_stage(ext: Extractor, store: FeatureStore, todo: list, summ: Summary, cluster: Cluster | None,
                bar, pos: dict | None = None, replace=frozenset(), retry_failed: bool = False) -> None:
     fps = {u.id: fp for u, fp in todo}
     pos = pos or {u.id: i for i, (u, _) in enumerate(todo)}
@@ -427,7 +400,7 @@ def run_features(manifest: Manifest, extractors: list[Extractor], *, workers: in
 
     summaries: list[Summary] = []
     unavailable: dict[str, str] = {}
-    cluster = _Cluster(workers, scheduler, processes) if (workers > 1 or scheduler) else None
+    cluster = Cluster(workers, scheduler, processes) if (workers > 1 or scheduler) else None
     saved = _prime_digests(manifest)
     positions = {u.id: i for i, u in enumerate(manifest)}
     hashed = {k[0] for k in base._DIGESTS}

@@ -24,6 +24,17 @@ def _isolated_cache(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def dask_scheduler():
+    """The address of one 2-worker LocalCluster for the whole session (starting one, and warming
+    its workers, costs seconds)."""
+    from dask.distributed import LocalCluster
+
+    c = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0")
+    yield c.scheduler_address
+    c.close()
+
+
+@pytest.fixture(scope="session")
 def tiny_demo(tmp_path_factory):
     """A tiny generated demo corpus (real WAV/MP4/text), shared by the whole test session.
     Returns the path of its manifest.jsonl."""

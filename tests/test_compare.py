@@ -25,13 +25,8 @@ def data():
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    """One 2-worker LocalCluster for the module (starting one costs seconds)."""
-    from dask.distributed import LocalCluster
-
-    c = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0")
-    yield c.scheduler_address
-    c.close()
+def cluster(dask_scheduler):
+    return dask_scheduler
 
 
 def _run(data, tmp, methods, workers=1, features=None, scheduler=None):

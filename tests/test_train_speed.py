@@ -115,3 +115,30 @@ def test_padding_fraction_by_hand():
     f = d.padding_fraction([np.array([0, 1])])
     assert f["a"] == pytest.approx(2 / 8) and f["all"] == pytest.approx(2 / 8)
     assert d.padding_fraction([np.array([0]), np.array([1])])["all"] == 0.0
+
+
+def test_folds_on_two_workers_give_the_numbers_of_one(tmp_path, dask_scheduler):
+    """MMIN with its baseline prerequisite, 2 folds: in sequence, then on 2 workers."""
+    import json
+
+    from pipeline.cluster import Cluster
+    from train.run import run_experiment
+    from train.synthetic import synthetic_folds
+
+    data = synthetic_data(n=60, seed=0)
+    folds = synthetic_folds(data, 2)
+    over = {**SMALL, "train.schedule": {"kind": "linear_decay", "constant": 1, "decay": 1}, "train.batch_size": 16,
+            "model.imagination.layers": [32, 16]}
+    cfg = load_config("mmin", "demo", over)
+    prereq = {"*": {}, "baseline": {k: v for k, v in over.items() if k.startswith("model.") and "imagination" not in k}}
+    res = {}
+    for workers in (1, 2):
+        cluster = Cluster(scheduler=dask_scheduler) if workers > 1 else None
+        run = run_experiment(data, folds, cfg, dataset="synth", seeds=[0], results_dir=tmp_path / f"w{workers}",
+                             progress=False, log=lambda *_: None, workers=workers, prereq_overrides=prereq,
+                             cluster=cluster)
+        if cluster is not None:
+            cluster.close()
+        res[workers] = {p.parent.parent.name + p.parent.name: json.loads(p.read_text())["test"]
+                        for p in run.glob("folds/*/seed*/result.json")}
+    assert len(res[1]) == 2 and res[1] == res[2]

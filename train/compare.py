@@ -127,16 +127,13 @@ def compare_id(dataset: str, methods: list[str], overrides: dict, folds: list, s
 
 def sweep(jobs: list[Job], ctx: Context, workers: int = 1, scheduler: str | None = None, log=print) -> dict:
     """Run ``jobs`` on dask.distributed; {job key: outcome or error text}."""
-    from dask.distributed import Client, LocalCluster, as_completed
+    from dask.distributed import as_completed
     from tqdm.auto import tqdm
 
-    cluster = None
-    if scheduler:
-        client = Client(scheduler)
-    else:
-        cluster = LocalCluster(n_workers=max(1, int(workers)), threads_per_worker=1, processes=True,
-                               dashboard_address=":0")
-        client = Client(cluster)
+    from pipeline.cluster import Cluster
+
+    cluster = Cluster(workers, scheduler)
+    client = cluster.get()
     futures, outcomes = {}, {}
     try:
         for job in jobs:
@@ -154,9 +151,7 @@ def sweep(jobs: list[Job], ctx: Context, workers: int = 1, scheduler: str | None
             bar.update(1)
         bar.close()
     finally:
-        client.close()
-        if cluster is not None:
-            cluster.close()
+        cluster.close()
     return outcomes
 
 

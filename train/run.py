@@ -109,9 +109,11 @@ class Experiment:
 
     def __init__(self, data: MultimodalData, folds: list, cfg: dict, run_dir: Path, *, dataset: str,
                  device: str = "cpu", root: Path | None = None, prereq_overrides: dict | None = None,
-                 progress: bool = True, callbacks=(), log=print):
+                 progress: bool = True, callbacks=(), log=print, workers: int = 1, cluster=None):
         self.data = data
         self.folds = folds
+        self.workers = max(1, int(workers))
+        self.cluster = cluster  # a pipeline.cluster.Cluster to share (imer demo), else one per run
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.dataset = dataset
@@ -237,18 +239,58 @@ class Experiment:
                 "data_signature": self.data.signature, "n_utterances": len(self.data)}
         _write_json(self.run_dir / "run.json", meta)
         t0 = time.perf_counter()
-        for fold in self.folds:
-            for seed in seeds:
-                out = self.run_dir / "folds" / safe_name(fold.name) / f"seed{seed}"
-                res = self.run_fold(self.cfg, fold, seed, out)
-                self.log(f"{self.cfg['name']} fold {fold.name} seed {seed}: best epoch {res['best_epoch']} "
-                         f"(val {res['select_metric']} {res['val_score']:.4f}); {_test_line(res, self.cfg)}  "
-                         f"[{res['time_s']:.0f} s]")
+        pairs = [(fold, seed) for fold in self.folds for seed in seeds]
+        outs = {(f.name, s): self.run_dir / "folds" / safe_name(f.name) / f"seed{s}" for f, s in pairs}
+        done = lambda fold, seed, res: self.log(  # noqa: E731
+            f"{self.cfg['name']} fold {fold.name} seed {seed}: best epoch {res['best_epoch']} "
+            f"(val {res['select_metric']} {res['val_score']:.4f}); {_test_line(res, self.cfg)}  [{res['time_s']:.0f} s]")
+        if self.workers > 1 and len(pairs) > 1:
+            self._run_parallel(pairs, outs, done)
+        else:
+            for fold, seed in pairs:
+                done(fold, seed, self.run_fold(self.cfg, fold, seed, outs[fold.name, seed]))
         table = write_run_outputs(self.run_dir, self.cfg, meta)
         meta.update(status="complete", finished=time.strftime("%Y-%m-%dT%H:%M:%S"),
                     wall_s=meta.get("wall_s", 0) + time.perf_counter() - t0)
         _write_json(self.run_dir / "run.json", meta)
         return table
+
+
+    def _run_parallel(self, pairs, outs, done) -> None:
+        """Every fold x seed as a task on dask worker processes (one torch thread each): the same
+        computation as in sequence, so the same numbers, in about 1/workers of the wall time."""
+        import copy
+
+        from dask.distributed import as_completed
+        from tqdm.auto import tqdm
+
+        from pipeline.cluster import Cluster
+
+        cluster = self.cluster or Cluster(min(self.workers, len(pairs)))
+        try:
+            client = cluster.get()
+            worker = copy.copy(self)
+            worker.progress, worker.log, worker.cluster, worker.workers = False, _quiet, None, 1
+            remote = client.scatter(worker, broadcast=True)  # the data travels once per worker
+            futs = {client.submit(_fold_task, remote, f.name, s, outs[f.name, s], pure=False): (f, s) for f, s in pairs}
+            bar = tqdm(total=len(pairs), desc=f"{self.cfg['name']} folds x seeds", disable=not self.progress)
+            for fut in as_completed(futs):
+                done(*futs[fut], fut.result())
+                bar.update(1)
+            bar.close()
+        finally:
+            if cluster is not self.cluster:
+                cluster.close()
+
+
+def _quiet(*_a, **_k) -> None:
+    pass
+
+
+def _fold_task(exp: "Experiment", fold_name: str, seed: int, out: Path) -> dict:
+    fold = next(f for f in exp.folds if f.name == fold_name)
+    with torch_threads(exp.device, 1):
+        return exp.run_fold(exp.cfg, fold, seed, out)
 
 
 def _test_line(res: dict, cfg: dict) -> str:
@@ -311,8 +353,9 @@ def run_experiment(data: MultimodalData, folds: list, cfg: dict, *, dataset: str
                    seeds=None, device: str = "cpu", results_dir: str | Path | None = None,
                    run_id: str | None = None, resume: bool = True, meta: dict | None = None,
                    prereq_overrides: dict | None = None, progress: bool = True, callbacks=(),
-                   log=print) -> Path:
-    """Train ``cfg`` on every selected fold x seed of ``data``; returns the run directory."""
+                   log=print, workers: int = 1, cluster=None) -> Path:
+    """Train ``cfg`` on every selected fold x seed of ``data`` (``workers`` > 1: in parallel worker
+    processes); returns the run directory."""
     folds = select_folds(folds, fold_select)
     seeds = parse_seeds(seeds) or parse_seeds(cfg.get("seeds", [0]))
     root = results_root(results_dir)
@@ -337,7 +380,8 @@ def run_experiment(data: MultimodalData, folds: list, cfg: dict, *, dataset: str
     meta = {"dataset": dataset, "method": cfg["name"], "run_id": run_dir.name, "config_hash": cfg_hash,
             **(meta or {})}
     exp = Experiment(data, folds, cfg, run_dir, dataset=dataset, device=device, root=root,
-                     prereq_overrides=prereq_overrides, progress=progress, callbacks=callbacks, log=log)
+                     prereq_overrides=prereq_overrides, progress=progress, callbacks=callbacks, log=log,
+                     workers=workers, cluster=cluster)
     table = exp.run(seeds, meta)
     log(f"\n{cfg['name']} on {dataset} — {run_dir}\n{table}")
     return run_dir
@@ -390,10 +434,11 @@ def train_method(dataset: str, method: str, folds=None, seeds=None, device: str 
                  data_root=None, manifest=None, protocol: str | None = None, results_dir=None,
                  run_id: str | None = None, overrides: dict | None = None,
                  prereq_overrides: dict | None = None, resume: bool = True, progress: bool = True,
-                 threads: int | None = None, log=print) -> Path:
+                 threads: int | None = None, log=print, workers: int = 1, cluster=None) -> Path:
     """Extract what is missing, train ``method`` on every fold x seed of ``dataset``, evaluate every
     condition and write ``results/<dataset>/<method>/<run-id>/``; returns that directory. On CPU,
-    training uses ``threads`` torch threads (default 1, see ``cpu_threads``)."""
+    training uses ``threads`` torch threads (default 1, see ``cpu_threads``); ``workers`` > 1 trains
+    the folds x seeds in that many worker processes of one thread each (``cluster``: one to share)."""
     from manifests.datasets import check_dataset_folds, load_folds, load_manifest
     from pipeline.device import resolve_device
 
@@ -410,7 +455,8 @@ def train_method(dataset: str, method: str, folds=None, seeds=None, device: str 
     with cpu_threads(dev, threads):
         return run_experiment(data, fold_list, cfg, dataset=dataset, fold_select=folds, seeds=seeds, device=dev,
                               results_dir=results_dir, run_id=run_id, resume=resume, meta=meta,
-                              prereq_overrides=prereq_overrides, progress=progress, log=log)
+                              prereq_overrides=prereq_overrides, progress=progress, log=log,
+                              workers=workers, cluster=cluster)
 
 
 def prerequisite_overrides(overrides: dict | None, per_prereq: dict | None = None) -> dict:

@@ -21,11 +21,17 @@ def add_arguments(p) -> None:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (default auto)")
     p.add_argument("--methods", help="comma-separated methods to train (default: every config marked "
                                      "'report: {demo: true}', in report order)")
-    p.add_argument("--workers", type=int, default=1, help="parallel extraction workers (default 1)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="worker processes for extraction and for training the folds (default: the CPU cores, "
+                        "at most 4, on CPU; 1 on a GPU)")
 
 
 def main(args) -> int:
+    import os
+
     from manifests.datasets import load_manifest
+    from pipeline.cluster import Cluster
+    from pipeline.device import resolve_device
     from pipeline.runner import ensure_features
     from train.config import list_configs, load_config
     from train.report import report
@@ -39,6 +45,8 @@ def main(args) -> int:
               file=sys.stderr)
         return 2
 
+    device = resolve_device(args.device)
+    workers = args.workers or (1 if device.startswith("cuda") else max(1, min(4, os.cpu_count() or 1)))
     print("== 1/4 demo corpus (generated once, then cached)", flush=True)
     manifest = load_manifest("demo")
     print(f"   {len(manifest)} utterances, manifest {manifest.path}", flush=True)
@@ -48,13 +56,14 @@ def main(args) -> int:
     for m in wanted:
         for mod, spec in load_config(m, "demo")["features"].items():
             specs.setdefault(f"{mod}:{spec}", spec)
-    for name, store in ensure_features("demo", specs, device=args.device, workers=args.workers).items():
+    for name, store in ensure_features("demo", specs, device=device, workers=workers).items():
         print(f"   {name.split(':')[0]}: {store.path}", flush=True)
 
-    print("== 3/4 train and evaluate every missing-modality condition", flush=True)
-    for m in wanted:
-        print(f"-- {m}", flush=True)
-        train_method("demo", m, device=args.device)
+    print(f"== 3/4 train and evaluate every missing-modality condition ({workers} worker process(es))", flush=True)
+    with Cluster(workers) as cluster:
+        for m in wanted:
+            print(f"-- {m}", flush=True)
+            train_method("demo", m, device=device, workers=workers, cluster=cluster)
 
     print("== 4/4 report", flush=True)
     print(report("demo"))

@@ -41,6 +41,8 @@ def add_arguments(p) -> None:
                                                        "(finished fold x seed models are still reused)")
     p.add_argument("--threads", type=int, help="torch threads when training on CPU (default 1: these small nets "
                                                "gain little from more, and lose much on a busy machine)")
+    p.add_argument("--workers", type=int, default=1, help="train the folds x seeds in N worker processes of one "
+                                                          "torch thread each (dask LocalCluster; default 1: in sequence)")
     p.add_argument("--features", metavar="SET", help="train on a named feature set of train/feature_sets.yaml "
                                                     "instead of the config's (offline: what runs without downloads)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -58,6 +60,7 @@ def main(args) -> int:
     from train.config import ConfigError, feature_set, list_configs, parse_override
     from train.data import DataError
     from train.protocols import ProtocolError, expand
+    from pipeline.cluster import Cluster
     from train.run import train_method
 
     methods = [m.strip() for m in args.method.split(",") if m.strip()]
@@ -80,6 +83,7 @@ def main(args) -> int:
             load_manifest(args.dataset, args.data_root, args.manifest, **own_options(args))  # later reads reuse it
         if args.eval:
             overrides["eval.conditions"] = [c for e in args.eval for c in expand(e)]
+        cluster = Cluster(args.workers)  # one for every listed method, started when first needed
         for m in methods:
             prereq = None
             if args.features:  # a prerequisite (MMIN's baseline) must train on the same features
@@ -91,7 +95,8 @@ def main(args) -> int:
                          data_root=args.data_root, manifest=args.manifest, protocol=args.protocol,
                          results_dir=args.results, run_id=args.run_id, overrides=overrides,
                          resume=not args.fresh, progress=not args.no_progress, threads=args.threads,
-                         prereq_overrides=prereq)
+                         prereq_overrides=prereq, workers=args.workers, cluster=cluster)
+        cluster.close()
     except (ConfigError, DataError, ManifestError, FileNotFoundError, StoreError, UnsafeCheckpoint,
             ExtractorUnavailable, ProtocolError) as e:
         print(f"imer train: {e}", file=sys.stderr)

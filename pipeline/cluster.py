@@ -1,0 +1,39 @@
+"""One way to get a dask.distributed client: a LocalCluster of single-threaded worker processes
+(started on first use, so a run with nothing to do starts none), or an existing scheduler.
+Extraction (``pipeline.runner``), training folds in parallel (``train.run``) and the comparison
+sweep (``train.compare``) all take their workers from here."""
+
+from __future__ import annotations
+
+import logging
+
+
+class Cluster:
+    def __init__(self, workers: int = 1, scheduler: str | None = None, processes: bool = True):
+        self.workers, self.scheduler, self.processes = max(1, int(workers)), scheduler, processes
+        self.client = self.cluster = None
+
+    def get(self):
+        if self.client is None:
+            from distributed import Client, LocalCluster
+
+            if self.scheduler:
+                self.client = Client(self.scheduler)
+            else:
+                self.cluster = LocalCluster(n_workers=self.workers, threads_per_worker=1, processes=self.processes,
+                                            dashboard_address=None, silence_logs=logging.ERROR)
+                self.client = Client(self.cluster)
+        return self.client
+
+    def close(self) -> None:
+        if self.client is not None:
+            self.client.close()
+        if self.cluster is not None:
+            self.cluster.close()
+        self.client = self.cluster = None
+
+    def __enter__(self) -> "Cluster":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
