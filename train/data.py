@@ -349,10 +349,11 @@ class MultimodalData:
         return np.maximum(ln, 1)
 
     def length_order(self, idx) -> np.ndarray:
-        """Positions into ``idx`` sorted by the frames of the modality that makes up most of a
-        batch's elements (frames x dims; audio on every real corpus), then by total frames."""
+        """Positions into ``idx`` sorted by the frames of the modality with the longest sequences
+        (audio on every corpus: a recurrent encoder's time grows with its padded steps), then by
+        total frames."""
         frames = {m: self.frames(idx, m) for m in MODALITIES}
-        main = max(MODALITIES, key=lambda m: float(frames[m].sum()) * self.seqs[m].dim)
+        main = max(MODALITIES, key=lambda m: float(frames[m].sum()))
         return np.lexsort((sum(frames.values()), frames[main]))
 
     def batch_rows(self, idx, batch_size: int, rng: np.random.Generator | None = None,
@@ -374,9 +375,9 @@ class MultimodalData:
             rows = [rows[k] for k in rng.permutation(len(rows))]
         return rows
 
-    def padding_fraction(self, rows: list[np.ndarray]) -> dict[str, float]:
+    def padding_fraction(self, rows: list[np.ndarray], dims: dict | None = None) -> dict[str, float]:
         """Share of the batch tensors' frames that are padding, per modality and over all
-        elements (frames x dims) — what length bucketing cuts."""
+        elements (frames x dims, ``dims`` defaulting to the data's) — what length bucketing cuts."""
         out, pad_el, tot_el = {}, 0.0, 0.0
         for m in MODALITIES:
             real = total = 0
@@ -385,9 +386,11 @@ class MultimodalData:
                 T = self.max_len[m] if (self.fixed_len and self.max_len.get(m)) else int(ln.max())
                 real, total = real + int(ln.sum()), total + T * len(r)
             out[m] = 1 - real / total if total else 0.0
-            pad_el += (total - real) * self.seqs[m].dim
-            tot_el += total * self.seqs[m].dim
+            dim = (dims or {}).get(m, self.seqs[m].dim)
+            pad_el += (total - real) * dim
+            tot_el += total * dim
         out["all"] = pad_el / tot_el if tot_el else 0.0
+        out["elements"] = tot_el  # padded frames x dims of all the batches: what the encoders process
         return out
 
     def batches(self, idx, batch_size: int, normalizer: Normalizer | None = None,

@@ -103,8 +103,9 @@ def evaluate(method, data: MultimodalData, idx, columns, normalizer: Normalizer 
     idx = np.asarray(idx, dtype=np.int64)
     ids = [data.ids[i] for i in idx]
     avail = {c: protocols.masks(c, ids, seed) for c in columns}
-    share = share and shares_encoders(method)
-    order = data.length_order(idx) if share else np.arange(len(idx))
+    ordered = share and shares_encoders(method)  # outputs per sample: batches may be sorted by length
+    share = ordered and len(columns) > 2  # two encoder passes pay off from three columns on
+    order = data.length_order(idx) if ordered else np.arange(len(idx))
     res = {c: {"index": [], "y": [], "out": []} for c in columns}
     was_training = method.training
     method.eval()
@@ -231,13 +232,17 @@ class Trainer:
                 "normalizer": self.normalizer.to_dict() if self.normalizer else None,
                 "spec": self.method.spec.to_json(), "config": self.cfg, "signature": self.signature}
 
-    def fit(self) -> dict:
-        epochs = total_epochs(self.tcfg)
+    def optimisation(self):
+        """(optimiser, LR schedule, grad scaler, trainable params) as ``fit`` uses them."""
         groups = self.method.param_groups()
         params = [p for g in groups for p in g["params"]]
         opt = make_optimizer(groups, self.tcfg["optimizer"])
-        sched = make_scheduler(opt, self.tcfg.get("schedule"), epochs)
-        scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
+        sched = make_scheduler(opt, self.tcfg.get("schedule"), total_epochs(self.tcfg))
+        return opt, sched, torch.amp.GradScaler("cuda", enabled=self.amp), params
+
+    def fit(self) -> dict:
+        epochs = total_epochs(self.tcfg)
+        opt, sched, scaler, params = self.optimisation()
         patience = (self.tcfg.get("early_stop") or {}).get("patience")
         bs = int(self.tcfg["batch_size"])
         state = {"epoch": 0, "best_score": None, "best_epoch": None, "bad_epochs": 0, "history": [], "done": False}
@@ -261,11 +266,11 @@ class Trainer:
         bar = tqdm(range(state["epoch"], epochs), desc=self.desc or "train", leave=False,
                    disable=not self.progress, initial=state["epoch"], total=epochs)
         for epoch in bar:
-            rec = self._train_epoch(epoch, opt, scaler, params, bs)
+            rec = self.train_epoch(epoch, opt, scaler, params, bs)
             rec["lr"] = opt.param_groups[0]["lr"]
             validate = (epoch + 1) % self.val_every == 0 or epoch + 1 == epochs
             if validate:
-                rec.update(self._validate(bs))
+                rec.update(self.validate(bs))
             plateau = isinstance(sched, torch.optim.lr_scheduler.ReduceLROnPlateau)
             if plateau and validate:
                 sched.step(rec["val_loss"])
@@ -297,17 +302,19 @@ class Trainer:
             _save(self._best_payload(state["epoch"], float("nan")), self.best_path)
         return self._summary(state)
 
-    def _validate(self, bs: int) -> dict:
+    def validate(self, bs: int, share: bool = True) -> dict:
+        """Validation loss and score under the selection columns (``share``: see ``evaluate``)."""
         t0 = time.perf_counter()
         val = evaluate(self.method, self.data, self.val_idx, self.select_columns, self.normalizer,
-                       max(bs, 256), self.device, self.amp, seed=self.seed, phase="val")
+                       max(bs, 256), self.device, self.amp, seed=self.seed, phase="val", share=share)
         y, out = pooled(val)
         vm = metrics.compute(self.data.task, y, out)
         loss = output_loss(self.method, y, out)
         return {"val_score": loss if self.metric == "loss" else vm[self.metric], "val_loss": loss,
                 "val": {k: v for k, v in vm.items() if k != "n"}, "val_time_s": time.perf_counter() - t0}
 
-    def _train_epoch(self, epoch, opt, scaler, params, bs) -> dict:
+    def train_epoch(self, epoch, opt, scaler, params, bs, max_batches: int | None = None) -> dict:
+        """One epoch over the training rows (``max_batches``: stop after that many, for the bench)."""
         rng = np.random.default_rng([self.seed, epoch])
         self.method.train()
         sums: dict[str, float] = defaultdict(float)
@@ -317,7 +324,10 @@ class Trainer:
             raise DataError(f"{self.desc}: train.drop_last with batch size {bs} leaves no batch of the "
                             f"{len(self.train_idx)} training utterances; lower train.batch_size")
         bucket = bool(self.cfg.get("data", {}).get("bucket", False))
-        for batch in self.data.batches(self.train_idx, bs, self.normalizer, rng=rng, drop_last=drop_last, bucket=bucket):
+        for k, batch in enumerate(self.data.batches(self.train_idx, bs, self.normalizer, rng=rng,
+                                                    drop_last=drop_last, bucket=bucket)):
+            if max_batches is not None and k >= max_batches:
+                break
             n = len(batch["y"])
             avail = protocols.draw(self.tcfg.get("missing"), n, rng)
             b = batch_to(apply_availability(batch, avail), self.device)
