@@ -116,7 +116,9 @@ def time_variant(name, dataset, data, tr, va, device, max_batches, variant: str,
                            VARIANTS[variant]["bucket"])[:max_batches]
     flops = step_flops(trainer, data.collate(rows[0], norm))
     n_cond = len(trainer.select_columns)
-    return {"train_samples_per_s": rec["samples_per_s"], "val_time_s": val["val_time_s"],
+    phases = {**{k: v / rec["train_time_s"] for k, v in rec["phases_s"].items()},
+              "validation_s": val["val_time_s"]}
+    return {"train_samples_per_s": rec["samples_per_s"], "val_time_s": val["val_time_s"], "phases": phases,
             "train_s_per_element": rec["train_time_s"] / data.padding_fraction(rows)["elements"],
             "val_condition_samples_per_s": len(va) * n_cond / val["val_time_s"], "n_cond": n_cond,
             "flops_per_sample": flops / len(rows[0]), "batch_size": bs,
@@ -163,6 +165,7 @@ def figures(name, dataset, data, train_idx, val_idx, device, max_batches, n_trai
                           "val_condition_samples_per_s": round(f["val_condition_samples_per_s"], 1),
                           "train_padding": {k: round(x, 3) for k, x in f["padding"].items() if k != "elements"},
                           "train_gflop_per_s": round(achieved / 1e9, 3),
+                          "train_time_shares": {k: round(x, 3) for k, x in f["phases"].items() if k != "validation_s"},
                           "share_of_matmul_limit": round(achieved / limit["flop_per_s"], 4)}
                 out.update(batch_size=f["batch_size"], val_conditions=f["n_cond"], rounds=rounds,
                            train_gflop_per_sample=round(f["flops_per_sample"] / 1e9, 4), epochs_in_config=f["epochs_in_config"])

@@ -324,31 +324,42 @@ class Trainer:
             raise DataError(f"{self.desc}: train.drop_last with batch size {bs} leaves no batch of the "
                             f"{len(self.train_idx)} training utterances; lower train.batch_size")
         bucket = bool(self.cfg.get("data", {}).get("bucket", False))
-        for k, batch in enumerate(self.data.batches(self.train_idx, bs, self.normalizer, rng=rng,
-                                                    drop_last=drop_last, bucket=bucket)):
-            if max_batches is not None and k >= max_batches:
+        # where the epoch's time goes (host-side seconds; on CUDA the kernels run asynchronously)
+        phases = dict.fromkeys(("collate", "forward", "backward", "step"), 0.0)
+        batches = self.data.batches(self.train_idx, bs, self.normalizer, rng=rng, drop_last=drop_last, bucket=bucket)
+        k = 0
+        while max_batches is None or k < max_batches:
+            t = time.perf_counter()
+            batch = next(batches, None)
+            if batch is None:
                 break
+            k += 1
             n = len(batch["y"])
             avail = protocols.draw(self.tcfg.get("missing"), n, rng)
             b = batch_to(apply_availability(batch, avail), self.device)
             b["phase"] = "train"
+            t1 = time.perf_counter()
             with torch.autocast(device_type="cuda", dtype=torch.float16, enabled=self.amp):
                 loss, parts = self.method.loss(b)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"{self.desc}: the training loss became {loss.item()} at epoch {epoch + 1}; "
                                          "lower the learning rate or check the features for inf/NaN")
+            t2 = time.perf_counter()
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
+            t3 = time.perf_counter()
             clip_gradients(self.method, self.tcfg, params, scaler, opt)
             scaler.step(opt)
             scaler.update()
             sums["loss"] += float(loss.detach()) * n
-            for k, v in parts.items():
-                sums[k] += float(v.detach()) * n
+            for name, v in parts.items():
+                sums[name] += float(v.detach()) * n
             n_seen += n
+            for ph, dt in zip(phases, (t1 - t, t2 - t1, t3 - t2, time.perf_counter() - t3)):
+                phases[ph] += dt
         dt = time.perf_counter() - t0
         rec = {"epoch": epoch + 1, **{k: v / max(n_seen, 1) for k, v in sums.items()},
-               "train_time_s": dt, "samples_per_s": n_seen / dt if dt > 0 else math.nan}
+               "train_time_s": dt, "samples_per_s": n_seen / dt if dt > 0 else math.nan, "phases_s": phases}
         return rec
 
     def _summary(self, state) -> dict:
