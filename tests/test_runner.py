@@ -107,7 +107,7 @@ def test_incremental_and_noop(tmp_path, monkeypatch):
     _assert_matches_reference(st, man)
 
     # nothing new: no model load, no cluster even with workers > 1, nothing extracted
-    monkeypatch.setattr("pipeline.runner._Cluster.get", lambda self: pytest.fail("cluster started for a no-op run"))
+    monkeypatch.setattr("pipeline.cluster.Cluster.get", lambda self: pytest.fail("cluster started for a no-op run"))
     [s] = run_features(man, [Frames()], workers=2, progress=False)
     assert (s.computed, s.cached) == (0, 5) and Frames.loads == 1 and len(Frames.calls) == 5
 
