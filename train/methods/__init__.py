@@ -30,7 +30,8 @@ dependent method may load from it; the runner checks that both configs build the
 a stochastic method may use fewer sampling steps for "val". Evaluation runs under a seeded RNG.
 
 Hooks a method may override: ``param_groups`` (its own optimiser groups, e.g. a smaller learning
-rate for pretrained parts) and ``on_epoch_end`` (called after each epoch's validation). The
+rate for pretrained parts), ``on_epoch_end`` (called after each epoch's validation) and
+``represent`` (the joint representation its classifier reads, for the comparison's t-SNE). The
 trainer owns everything else: missing-modality sampling (config ``train.missing``, see
 ``train.protocols``), optimiser, schedule, clipping, AMP, checkpoints, early stopping, selection.
 """
@@ -75,6 +76,12 @@ class Method(nn.Module):
     def predict(self, batch: dict) -> torch.Tensor:
         """Raw output for the batch's (masked) inputs ``x``: logits (B, C) or values (B, 1)."""
         raise NotImplementedError
+
+    def represent(self, batch: dict) -> torch.Tensor | None:
+        """The joint representation the classifier reads, (B, d), from the masked inputs ``x``
+        only, as ``predict`` (the comparison report draws its t-SNE under full vs missing input).
+        None by default: the method has no joint representation to show."""
+        return None
 
     def loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Training loss and its named parts (already weighted, as they enter the sum)."""
