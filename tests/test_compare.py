@@ -1,6 +1,6 @@
 """The comparison benchmark (train/compare.py, train/compare_report.py) on tiny synthetic data:
 same numbers on 1 and 2 dask workers, resume without retraining, feature sets reaching the
-prerequisites, paired tests equal to scipy's, refusal of runs that differ."""
+prerequisites, paired tests equal to scipy's, refusal of runs that differ, the t-SNE figure."""
 
 from __future__ import annotations
 
@@ -58,6 +58,9 @@ def test_two_workers_give_the_numbers_of_one_and_resume_reuses(data, tmp_path, c
     report = (out1 / "report.md").read_text()
     assert "MR avg 0.1–0.7" in report and "η avg 0.1–0.5" in report and "Wilcoxon" in report
     assert (out1 / "curves.png").is_file() and (out1 / "confusion.png").is_file()
+    # the t-SNE shows the imagination method (mmin), not the baseline, from fold 1's seed-0 model
+    assert (out1 / "tsne.png").is_file()
+    assert "(mmin; `Method.represent`), on the test split of fold f1 (16 utterances) with the seed-0 model" in report
     info = json.loads((out1 / "compare.json").read_text())
     assert not info["failed"] and info["workers"] == 1
 

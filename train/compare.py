@@ -242,6 +242,6 @@ def compare(dataset: str, methods=None, *, features: dict | None = None, overrid
             "reused_jobs": sum(bool(o.get("reused")) for o in outcomes.values()),
             "job_time_s": {k: o.get("time_s") for k, o in outcomes.items()}, "cpu_count": os.cpu_count()}
     atomic_write_json(out_dir / "compare.json", info, default=str)
-    write_report(out_dir, runs, info)
+    write_report(out_dir, runs, info, lambda m: ctx.data_for(ctx.config(m)), device)
     log(f"compare {cid}: {len(outcomes) - len(failed)} jobs done, {len(failed)} failed, {wall:.0f} s -> {out_dir}")
     return out_dir

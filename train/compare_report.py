@@ -1,7 +1,8 @@
 """The comparison's report (Markdown + PNG): per protocol a table of methods x columns (mean ± std
 over folds x seeds) with a rank row; paired Wilcoxon signed-rank tests (scipy) of each method
 against the augmented baseline and against MMIN over the (fold, seed) pairs; the score against
-missing rate and missing ratio for every method in one figure; confusion matrices."""
+missing rate and missing ratio for every method in one figure; confusion matrices; a t-SNE of the
+imagination methods' joint representations under full and under missing input."""
 
 from __future__ import annotations
 
@@ -56,8 +57,9 @@ def _check_comparable(runs: dict[str, Path]) -> None:
                               "identical features, folds, seeds and task")
 
 
-def write_report(out_dir: Path, runs: dict[str, Path], info: dict) -> str:
-    """Write report.md, curves.png and confusion.png into ``out_dir``; return the Markdown."""
+def write_report(out_dir: Path, runs: dict[str, Path], info: dict, data_for=None, device: str = "cpu") -> str:
+    """Write report.md, curves.png, confusion.png and (given ``data_for(method)``, the data module a
+    method was trained on) tsne.png into ``out_dir``; return the Markdown."""
     if not runs:
         text = "No method finished a job; see compare.json for the errors.\n"
         (out_dir / "report.md").write_text(text)
@@ -84,6 +86,17 @@ def write_report(out_dir: Path, runs: dict[str, Path], info: dict) -> str:
     plot_curves(sc, columns, out_dir / "curves.png", f"{info['dataset']}: test {NAMES[metric]}")
     plot_confusions(runs, meta.get("labels"), out_dir / "confusion.png", task)
     doc += ["![score against missing rate and ratio](curves.png)", "", "![confusion matrices](confusion.png)", ""]
+    tsne = plot_tsne(runs, data_for, info, out_dir / "tsne.png", device) if data_for is not None else None
+    if tsne:
+        doc += ["![t-SNE of the joint representations, full vs missing input](tsne.png)", "",
+                f"t-SNE of the joint representation each imagination method's classifier reads "
+                f"({', '.join(tsne['methods'])}; `Method.represent`), on the test split of fold {tsne['fold']} "
+                f"({tsne['n']} utterances) with the seed-{tsne['seed']} model, under full input (avt) and under "
+                f"{protocols.title(tsne['column'])} (its protocol masks for seed {tsne['seed']}: {tsne['lose']} of "
+                f"{tsne['n']} utterances lose at least one modality; the others are unchanged, their two points coincide). "
+                "Top: full vs missing; bottom: by label.", ""]
+    else:
+        (out_dir / "tsne.png").unlink(missing_ok=True)  # no stale figure from an earlier report
     text = "\n".join(doc)
     (out_dir / "report.md").write_text(text)
     return text
@@ -190,3 +203,116 @@ def plot_confusions(runs: dict[str, Path], labels, path: Path, task: str) -> Non
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+# ---- t-SNE of the joint representations ----------------------------------------------------------
+
+TSNE_COLUMN = "mr=0.5"  # the missing input of the t-SNE: MR 0.5's protocol masks
+
+
+def representations(method, data, idx, columns, normalizer=None, seed: int = 0, device: str = "cpu",
+                    batch_size: int = 256) -> dict | None:
+    """{column: (N, d)} of ``method.represent`` on rows ``idx`` under each column's protocol masks,
+    as the evaluator tests (eval mode, no gradient, torch RNG forked and seeded, ``x_full`` and
+    labels removed before the method sees the batch); None when the method has no representation."""
+    import torch
+
+    from train.conditions import apply_availability
+    from train.data import batch_to
+
+    idx = np.asarray(idx, dtype=np.int64)
+    ids = [data.ids[i] for i in idx]
+    avail = {c: protocols.masks(c, ids, seed) for c in columns}
+    out = {c: [] for c in columns}
+    was = method.training
+    method.eval()
+    cuda = str(device).startswith("cuda")
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[torch.device(device).index or 0] if cuda else []):
+            torch.manual_seed(int(seed))
+            start = 0
+            for batch in data.batches(idx, batch_size, normalizer):
+                n = len(batch.pop("index"))
+                batch.pop("y")
+                batch = batch_to(batch, device)
+                for c in columns:
+                    b = apply_availability(batch, avail[c][start:start + n])
+                    b.pop("x_full")
+                    b["phase"] = "test"
+                    r = method.represent(b)
+                    if r is None:
+                        return None
+                    out[c].append(r.float().cpu().numpy().reshape(n, -1))
+                start += n
+    finally:
+        method.train(was)
+    return {c: np.concatenate(v) for c, v in out.items()}
+
+
+def plot_tsne(runs: dict[str, Path], data_for, info: dict, path: Path, device: str = "cpu",
+              column: str = TSNE_COLUMN) -> dict | None:
+    """t-SNE (scikit-learn) of each imagination method's joint representation (``Method.represent``)
+    on the test split of the comparison's first fold, with its first seed's model, under full input
+    (avt) and under ``column``'s masks: one panel per method coloured full vs missing, one below
+    coloured by label. ``data_for(method)`` gives the data module the method was trained on.
+    Returns what the figure shows (for the report), None when no method has a representation."""
+    from sklearn.manifold import TSNE
+
+    from pipeline.device import torch_threads
+    from train.run import safe_name
+    from train.trainer import load_checkpoint
+
+    fold, seed = info["folds"][0], int(info["seeds"][0])
+    shown = {}
+    for m, d in runs.items():
+        job = d / "folds" / safe_name(fold) / f"seed{seed}"
+        if not (job / "best.pt").is_file() or not (job / "predictions.npz").is_file():
+            continue
+        method, norm, _ = load_checkpoint(job / "best.pt", device)
+        data = data_for(m)
+        idx = data.indices(list(np.load(job / "predictions.npz")["ids"]), f"fold {fold} test")
+        with torch_threads(device, 1):  # small nets: one thread is faster on a busy CPU (pipeline.device)
+            reps = representations(method, data, idx, ["avt", column], norm, seed, device)
+        if reps is None or len(idx) < 4:
+            continue
+        shown[m] = (reps, data.y[idx], protocols.masks(column, [data.ids[i] for i in idx], seed))
+    if not shown:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = json.loads((next(iter(runs.values())) / "run.json").read_text()).get("labels")
+    fig, axes = plt.subplots(2, len(shown), figsize=(3.4 * len(shown), 6.4), squeeze=False)
+    for j, (m, (reps, y, avail)) in enumerate(shown.items()):
+        x = np.concatenate([reps["avt"], reps[column]])
+        n = len(reps["avt"])
+        pts = TSNE(2, perplexity=min(30.0, (len(x) - 1) / 3), init="pca", random_state=0).fit_transform(x)
+        full, miss = pts[:n], pts[n:]
+        ax = axes[0][j]
+        ax.scatter(*full.T, s=10, c="tab:blue", label="full (avt)")
+        ax.scatter(*miss.T, s=10, c="tab:red", marker="x", label=f"missing ({protocols.title(column)})")
+        ax.set_title(f"{m} (d = {x.shape[1]})", fontsize=8)
+        ax.legend(fontsize=6)
+        ax = axes[1][j]
+        discrete = labels is not None
+        kw = {"cmap": "tab10", "vmin": 0, "vmax": 9} if discrete else {"cmap": "viridis"}
+        sc = ax.scatter(*full.T, s=10, c=y, marker="o", **kw)
+        ax.scatter(*miss.T, s=14, c=y, marker="x", **kw)
+        if discrete:
+            handles = [plt.Line2D([], [], ls="", marker="o", color=plt.get_cmap("tab10")(k), label=str(name))
+                       for k, name in enumerate(labels) if k in set(y.tolist())]
+            ax.legend(handles=handles, fontsize=6)
+        else:
+            fig.colorbar(sc, ax=ax)
+        ax.set_title(f"{m}: by label (o full, x missing)", fontsize=8)
+        for a in axes[:, j]:
+            a.set_xticks([])
+            a.set_yticks([])
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    first = next(iter(shown.values()))
+    return {"fold": fold, "seed": seed, "column": column, "n": len(first[2]),
+            "lose": int((~first[2]).any(1).sum()), "methods": list(shown)}

@@ -34,7 +34,8 @@ MMIN, IF-MMIN) returns those embeddings from ``encode_each`` and predicts from t
 ``predict_from``: evaluating N missing conditions then costs two encoder passes per batch, not N.
 
 Hooks a method may override: ``param_groups`` (its own optimiser groups, e.g. a smaller learning
-rate for pretrained parts) and ``on_epoch_end`` (called after each epoch's validation). The
+rate for pretrained parts), ``on_epoch_end`` (called after each epoch's validation) and
+``represent`` (the joint representation its classifier reads, for the comparison's t-SNE). The
 trainer owns everything else: missing-modality sampling (config ``train.missing``, see
 ``train.protocols``), optimiser, schedule, clipping, AMP, checkpoints, early stopping, selection.
 """
@@ -79,6 +80,12 @@ class Method(nn.Module):
     def predict(self, batch: dict) -> torch.Tensor:
         """Raw output for the batch's (masked) inputs ``x``: logits (B, C) or values (B, 1)."""
         raise NotImplementedError
+
+    def represent(self, batch: dict) -> torch.Tensor | None:
+        """The joint representation the classifier reads, (B, d), from the masked inputs ``x``
+        only, as ``predict`` (the comparison report draws its t-SNE under full vs missing input).
+        None by default: the method has no joint representation to show."""
+        return None
 
     def loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Training loss and its named parts (already weighted, as they enter the sum)."""

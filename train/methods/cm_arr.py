@@ -161,11 +161,15 @@ class CMARR(Method):
     def classify(self, xc: dict, valid_c: dict) -> torch.Tensor:
         return self.classifier(self.fusion(xc, valid_c))
 
-    def predict(self, batch):
+    def represent(self, batch):
+        """The fusion's output (Eq. 13, mean over time) of the completed set, the classifier's input."""
         valid = {n: modality_valid(batch, n) for n in MODALITIES}
         enc = self.encode(batch["x"], valid)
         c = self.complete({n: enc[n]["X"] for n in MODALITIES}, valid, batch["present"])
-        return self.classify(c["xc"], c["valid_c"])
+        return self.fusion(c["xc"], c["valid_c"])
+
+    def predict(self, batch):
+        return self.classifier(self.represent(batch))  # = classify(xc, valid_c)
 
     # -- training ---------------------------------------------------------------------------------
     def training_parts(self, batch) -> dict:

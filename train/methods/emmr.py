@@ -173,10 +173,11 @@ class EMMR(Method):
         slots = valid | missing
         f = self.tf.encode(x, valid)
         d_tf = self.tf.decode(f, slots)
-        out_f = self.classifier(self.dropout(balanced_pool(f, slots, layout)))
+        rep = balanced_pool(f, slots, layout)  # R = F, pooled: the classifier's input
+        out_f = self.classifier(self.dropout(rep))
         p = {"layout": layout, "present": present, "valid": valid, "slots": slots, "missing": missing,
              "x": x, "f": f, "dec": {"tf": d_tf}, "recovered": {"tf": torch.where(missing[..., None], d_tf, x)},
-             "out_f": out_f, "out": out_f}
+             "rep": rep, "out_f": out_f, "out": out_f}
         if self.ensemble:
             p.update(self.key_missing(p))
         return p
@@ -234,6 +235,12 @@ class EMMR(Method):
 
     def predict(self, batch):
         return self.forward_parts(batch)["out"]
+
+    def represent(self, batch):
+        """The backbone's encoding F of the masked sample, pooled (R = F, Eq. 13: what the main
+        classifier reads). Where the key-missing check fires the ensemble's r (3C weighted pair
+        logits) replaces it; that is a vector of logits, not a representation, so it is not shown."""
+        return self.forward_parts(batch)["rep"]
 
     # -- training -----------------------------------------------------------------------------------
     def teacher_encoding(self, batch) -> torch.Tensor:

@@ -230,6 +230,10 @@ class IFMMIN(Method):
     def predict(self, batch):
         return self.forward_parts(batch)["logits"]
 
+    def represent(self, batch):
+        """IF-IM's concatenated block latents, the classifier's input."""
+        return self.forward_parts(batch)["latent"]
+
     def teacher_targets(self, batch) -> dict:
         """h'' = teacher embedding of the reversed input (imagination target) and H = teacher
         invariant features of the full input (invariance target)."""

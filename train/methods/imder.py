@@ -164,10 +164,14 @@ class IMDer(IMDerPretrain):
                 rec_loss = rec_loss + F.mse_loss(rec[has].float(), truth.float())
         return out, score_loss, rec_loss
 
-    def predict(self, batch):
+    def represent(self, batch):
+        """The MulT backbone's fused representation of the completed set, its output layer's input."""
         feats, valid = self.features(batch["x"], batch)
         feats, _, _ = self.complete(feats, batch["present"], batch.get("phase", "test"))
-        return self.backbone(feats, valid)
+        return self.backbone.joint(feats, valid)
+
+    def predict(self, batch):
+        return self.backbone.out(self.represent(batch))
 
     def loss(self, batch):
         self.check_inherited()

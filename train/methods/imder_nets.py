@@ -139,15 +139,18 @@ class MulTBackbone(nn.Module):
         self.proj1, self.proj2, self.out = nn.Linear(c, c), nn.Linear(c, c), nn.Linear(c, out_dim)
         self.output_dropout = output_dropout
 
-    def forward(self, feats: dict, valid: dict) -> torch.Tensor:
+    def joint(self, feats: dict, valid: dict) -> torch.Tensor:
+        """The fused (B, 6d) representation the output layer reads."""
         last = []
         for q in MODALITIES:
             h = torch.cat([self.cross[f"{q}{k}"](feats[q], feats[k], valid[k]) for k in MODALITIES if k != q], -1)
             h = self.mem[q](h, None, valid[q])
             last.append(last_valid(h, valid[q]))
         h = torch.cat(last, -1)
-        h = h + self.proj2(F.dropout(F.relu(self.proj1(h)), self.output_dropout, self.training))
-        return self.out(h)
+        return h + self.proj2(F.dropout(F.relu(self.proj1(h)), self.output_dropout, self.training))
+
+    def forward(self, feats: dict, valid: dict) -> torch.Tensor:
+        return self.out(self.joint(feats, valid))
 
 
 class GaussianFourier(nn.Module):

@@ -65,6 +65,10 @@ class MMIN(Method):
     def predict(self, batch):
         return self.forward_parts(batch)["logits"]
 
+    def represent(self, batch):
+        """The cascade's concatenated block latents, the classifier's input."""
+        return self.forward_parts(batch)["latent"]
+
     def teacher_target(self, batch) -> torch.Tensor:
         """Teacher embedding of the reversed input: for a modality the sample keeps, the target is
         the teacher's embedding of a zero sequence (not a zero vector); for a missing one, of its
