@@ -213,40 +213,11 @@ TSNE_COLUMN = "mr=0.5"  # the missing input of the t-SNE: MR 0.5's protocol mask
 def representations(method, data, idx, columns, normalizer=None, seed: int = 0, device: str = "cpu",
                     batch_size: int = 256) -> dict | None:
     """{column: (N, d)} of ``method.represent`` on rows ``idx`` under each column's protocol masks,
-    as the evaluator tests (eval mode, no gradient, torch RNG forked and seeded, ``x_full`` and
-    labels removed before the method sees the batch); None when the method has no representation."""
-    import torch
+    exactly as the evaluator tests (``train.trainer.evaluate``); None when the method has none."""
+    from train.trainer import evaluate
 
-    from train.conditions import apply_availability
-    from train.data import batch_to
-
-    idx = np.asarray(idx, dtype=np.int64)
-    ids = [data.ids[i] for i in idx]
-    avail = {c: protocols.masks(c, ids, seed) for c in columns}
-    out = {c: [] for c in columns}
-    was = method.training
-    method.eval()
-    cuda = str(device).startswith("cuda")
-    try:
-        with torch.no_grad(), torch.random.fork_rng(devices=[torch.device(device).index or 0] if cuda else []):
-            torch.manual_seed(int(seed))
-            start = 0
-            for batch in data.batches(idx, batch_size, normalizer):
-                n = len(batch.pop("index"))
-                batch.pop("y")
-                batch = batch_to(batch, device)
-                for c in columns:
-                    b = apply_availability(batch, avail[c][start:start + n])
-                    b.pop("x_full")
-                    b["phase"] = "test"
-                    r = method.represent(b)
-                    if r is None:
-                        return None
-                    out[c].append(r.float().cpu().numpy().reshape(n, -1))
-                start += n
-    finally:
-        method.train(was)
-    return {c: np.concatenate(v) for c, v in out.items()}
+    res = evaluate(method, data, idx, columns, normalizer, batch_size, device, seed=seed, output="represent")
+    return None if res is None else {c: r["out"] for c, r in res.items()}
 
 
 def plot_tsne(runs: dict[str, Path], data_for, info: dict, path: Path, device: str = "cpu",

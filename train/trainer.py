@@ -89,7 +89,7 @@ def shares_encoders(method) -> bool:
 
 def evaluate(method, data: MultimodalData, idx, columns, normalizer: Normalizer | None = None,
              batch_size: int = 256, device: str = "cpu", amp: bool = False, seed: int = 0,
-             phase: str = "test", share: bool = True) -> dict:
+             phase: str = "test", share: bool = True, output: str = "predict") -> dict | None:
     """Raw outputs of ``method`` on rows ``idx`` under each test column (a condition, ``mr=r`` or
     ``eta=x``, see ``train.protocols``): {column: {"index": (N,), "y": (N,), "out": (N, C),
     "avail": (N, 3)}}, rows in the order of ``idx``.
@@ -98,11 +98,14 @@ def evaluate(method, data: MultimodalData, idx, columns, normalizer: Normalizer 
     torch RNG is forked and seeded, so a stochastic method gives the same numbers every time.
     A method with per-modality encoders (``shares_encoders``; ``share=False`` turns this off, for
     the bench) is encoded twice per batch, as given and with every modality zeroed, and each
-    column's embeddings are picked from those two; its batches are sorted by length (less padding)."""
+    column's embeddings are picked from those two; its batches are sorted by length (less padding).
+    ``output="represent"`` collects ``method.represent`` (the joint representation) instead of
+    the outputs, one forward per column; None when the method has none."""
     columns = list(columns)
     idx = np.asarray(idx, dtype=np.int64)
     ids = [data.ids[i] for i in idx]
     avail = {c: protocols.masks(c, ids, seed) for c in columns}
+    share = share and output == "predict"
     ordered = share and shares_encoders(method)  # outputs per sample: batches may be sorted by length
     share = ordered and len(columns) > 2  # two encoder passes pay off from three columns on
     order = data.length_order(idx) if ordered else np.arange(len(idx))
@@ -132,7 +135,10 @@ def evaluate(method, data: MultimodalData, idx, columns, normalizer: Normalizer 
                         h = {m: torch.where(keep[:, i, None], given[m], zeroed[m]) for i, m in enumerate(MODALITIES)}
                         out = method.predict_from(h, b)
                     else:
-                        out = method.predict(b)
+                        out = getattr(method, output)(b)
+                if out is None:  # represent() of a method without a joint representation
+                    method.train(was_training)
+                    return None
                 res[c]["index"].append(index)
                 res[c]["y"].append(y)
                 res[c]["out"].append(out.float().cpu().numpy().reshape(n, -1))
