@@ -48,7 +48,8 @@ features: setup
 
 train: setup
 	$(IMER) train --dataset $(DATASET) --method $(METHOD) --device $(DEVICE) \
-	  $(if $(DATA_ROOT),--data-root $(DATA_ROOT)) $(if $(FOLDS),--folds $(FOLDS)) $(if $(SEEDS),--seeds $(SEEDS))
+	  $(if $(DATA_ROOT),--data-root $(DATA_ROOT)) $(if $(FOLDS),--folds $(FOLDS)) $(if $(SEEDS),--seeds $(SEEDS)) \
+	  --workers $(WORKERS)
 
 report: setup
 	$(IMER) report --dataset $(DATASET)

@@ -164,7 +164,8 @@ class Experiment:
         todo = [c for c in cols if c not in res["test"]]
         bs = max(int(cfg["train"]["batch_size"]), 256)
         test = evaluate(best, self.data, te, todo, norm, bs, self.device, amp, seed=seed, phase="test")
-        val = evaluate(best, self.data, va, todo, norm, bs, self.device, amp, seed=seed, phase="val")
+        val = (evaluate(best, self.data, va, todo, norm, bs, self.device, amp, seed=seed, phase="val")
+               if cfg.get("eval", {}).get("validation") else {})  # every column on val too: only when asked
         pred_path = out_dir / "predictions.npz"
         preds = dict(np.load(pred_path)) if pred_path.is_file() else {}
         preds.update({f"{c}_{k}": v for c, r in test.items() for k, v in r.items()})
