@@ -34,7 +34,7 @@ from typing import ClassVar
 import numpy as np
 
 from extract.audio_io import load_audio
-from extract.base import Extractor, ExtractorUnavailable, Failure, Output, file_digest, register
+from extract.base import Extractor, ExtractorUnavailable, Failure, Output, file_digest, plan_buckets, register
 
 SR = 16000
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
@@ -220,7 +220,7 @@ class Wav2Vec2(Extractor):
 
     def _buckets(self, order: list[int], lengths: list[int]) -> list[list[int]]:
         limit = self.cpu_batch if self._device == "cpu" else None
-        return plan_buckets(order, lengths, self.params["batch_seconds"] * SR, limit)
+        return plan_buckets(order, lengths, budget=self.params["batch_seconds"] * SR, limit=limit)
 
     def _forward(self, waves: list[np.ndarray]) -> list[np.ndarray]:
         """Selected hidden states of each (normalised) waveform, zero-padded into one batch."""
@@ -252,22 +252,6 @@ class Wav2Vec2(Extractor):
 
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-
-
-def plan_buckets(order: list[int], lengths: list[int], budget: float, limit: int | None = None) -> list[list[int]]:
-    """Split ``order`` (chunk indices sorted longest first) into consecutive buckets whose padded
-    size (longest length x count) stays within ``budget`` samples and whose count within ``limit``
-    (None: no limit). A chunk longer than the budget still gets a bucket of its own."""
-    buckets: list[list[int]] = []
-    bucket: list[int] = []
-    for k in order:
-        if bucket and (lengths[bucket[0]] * (len(bucket) + 1) > budget or (limit and len(bucket) >= limit)):
-            buckets.append(bucket)
-            bucket = []
-        bucket.append(k)
-    if bucket:
-        buckets.append(bucket)
-    return buckets
 
 
 def _parse_layers(layer, weights) -> tuple[list, np.ndarray | None]:

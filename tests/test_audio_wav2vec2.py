@@ -80,7 +80,7 @@ def test_batched_equals_per_utterance_forward(models, utts, norm, cpu_batch):
 
 
 def test_bucket_plan():
-    from extract.wav2vec2 import plan_buckets
+    from extract.base import plan_buckets
 
     lengths = [10, 40, 30, 30, 5, 20]
     order = sorted(range(6), key=lambda k: lengths[k], reverse=True)  # 1, 2, 3, 5, 0, 4
@@ -88,6 +88,12 @@ def test_bucket_plan():
     assert plan_buckets(order, lengths, budget=100, limit=2) == [[1, 2], [3, 5], [0, 4]]
     assert plan_buckets(order, lengths, budget=100, limit=1) == [[k] for k in order]
     assert plan_buckets(order, lengths, budget=10) == [[k] for k in order]  # over budget: alone
+    assert plan_buckets(order, lengths) == [order]
+    # padding fraction: [40, 30, 30] pads 20 of 120 (0.17); adding 20 would pad 40 of 160 (0.25)
+    assert plan_buckets(order, lengths, max_padding=0.2) == [[1, 2, 3], [5], [0], [4]]
+    assert plan_buckets(order, lengths, max_padding=0.15) == [[1, 2], [3], [5], [0], [4]]
+    # ascending: [5, 10] pads 0.25, [5, 10, 20] would pad 0.42; [20, 30, 30, 40] pads 0.25
+    assert plan_buckets(order[::-1], lengths, max_padding=0.3) == [[4, 0], [5, 3, 2, 1]]
 
 
 def test_cpu_forwards_one_chunk_at_a_time(models, utts, monkeypatch):
