@@ -19,10 +19,11 @@ gives for batch size 1). Chunks are stitched back by cutting each overlap in its
 starts are multiples of the model's total conv stride, so the CNN frames line up exactly.
 
 On CPU each chunk is forwarded alone (``cpu_batch = 1``), unpadded and without a mask, which is
-exactly HF's batch-of-one forward: bench/bench_audio.py measured batching there no faster, and up
-to ~1.5x slower, than one chunk at a time at every model size tried. A one-chunk matmul is already
-large enough for the CPU's BLAS, while a batch pays for its padding, and its first conv layers'
-(batch, channels, samples / 5) activations no longer fit in cache. Buckets are for the GPU.
+exactly HF's batch-of-one forward. bench/bench_audio.py (one thread) measured the padded buckets
+there at 0.36x (4 layers, 256 dims) and 0.62x (wav2vec2-base's shape) the speed of one chunk at a
+time; trials with tight buckets (padding under 10-30%) ranged 0.7x-1.1x, no reliable gain. A
+one-chunk matmul is already large enough for the CPU's BLAS, the conv stack (most of the time)
+gains nothing from a batch, and a batch pays for its padding. The buckets are for the GPU.
 """
 
 from __future__ import annotations
