@@ -1,12 +1,13 @@
 """Visual extraction speed: frames/s of MTCNN face detection (`faces`) and of each face extractor
 (`fer-cnn`, `openface`, `denseface`), batched (frame_batch frames per network call) vs one frame
-per call, on a generated clip of the demo's animated face (160x160, 25 fps).
+per call, on the same generated clip of the demo's animated face (160x160, 25 fps). The two take
+turns for --rounds rounds (order reversed every other round); each keeps its fastest.
 
 Extractor figures cover the whole extract() call: decoding the video again, aligning each face
 and the network/descriptor. `denseface` runs with random weights (a speed figure only: the
 original weights are not public). On CPU the extractors use one torch thread (extract/faces.py).
 
-    .venv/bin/python bench/bench_visual.py [--frames 100] [--device auto]
+    .venv/bin/python bench/bench_visual.py [--frames 100] [--rounds 3] [--device auto]
 Writes bench/results/visual.json.
 """
 
@@ -40,23 +41,33 @@ def face_clip(path: Path, n: int) -> Path:
     return write_video(path, face.render_frames(track, face.Appearance()), face.FPS)
 
 
-def rate(ex, utt, frame_batch: int, frames: int, repeat: int = 1) -> float:
-    """Frames per second of ex.extract([utt]) with ``frame_batch`` frames per network call, best of
-    ``repeat`` runs (the least disturbed by other processes)."""
+def seconds(ex, utt, frame_batch: int) -> float:
+    """Wall time of ex.extract([utt]) with ``frame_batch`` frames per network call."""
     ex.frame_batch = frame_batch
-    best = float("inf")
-    for _ in range(repeat):
-        t = time.perf_counter()
-        out = ex.extract([utt])[0]
-        best = min(best, time.perf_counter() - t)
-        if not hasattr(out, "features"):
-            raise RuntimeError(f"{ex.name}: extraction failed: {out.reason}")
-    return frames / best
+    t = time.perf_counter()
+    out = ex.extract([utt])[0]
+    dt = time.perf_counter() - t
+    if not hasattr(out, "features"):
+        raise RuntimeError(f"{ex.name}: extraction failed: {out.reason}")
+    return dt
+
+
+def compare(ex, utt, frame_batch: int, frames: int, rounds: int) -> dict:
+    """Batched vs one frame per call on the same clip, taking turns; the fastest round of each
+    (the least disturbed by other processes)."""
+    times: dict[str, list[float]] = {"batched": [], "per_frame": []}
+    for r in range(rounds):
+        for name in ("batched", "per_frame") if r % 2 == 0 else ("per_frame", "batched"):
+            times[name].append(seconds(ex, utt, frame_batch if name == "batched" else 1))
+    batched, single = frames / min(times["batched"]), frames / min(times["per_frame"])
+    return {"batched_frame_batch": frame_batch, "batched_fps": round(batched, 1), "per_frame_fps": round(single, 1),
+            "ratio": round(batched / single, 2), "rounds": rounds}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--frames", type=int, default=100, help="frames in the clip (per-frame detection uses a quarter)")
+    ap.add_argument("--frames", type=int, default=100, help="frames in the clip")
+    ap.add_argument("--rounds", type=int, default=3, help="alternating batched / per-frame rounds")
     ap.add_argument("--device", default="auto")
     args = ap.parse_args()
 
@@ -79,19 +90,17 @@ def main() -> None:
     utt_short = Utterance("short", "bench", video=Media(str(short)))
 
     figures: dict = {"device": device, "frames": n, "frame_size": "160x160",
-                     "torch_threads_cpu": 1 if device == "cpu" else None}
+                     "torch_threads_cpu": 1 if device == "cpu" else None, "rounds": args.rounds,
+                     "load_average_1min_at_start": round(os.getloadavg()[0], 2)}
     faces = create("faces", device=device)
     t = time.perf_counter()
     faces.ensure_loaded()
     load_s = time.perf_counter() - t
-    rate(faces, utt_short, faces.frame_batch, few)  # warm-up
-    batched = rate(faces, utt, 32, n)
-    single = rate(faces, utt_short, 1, few)
-    figures["faces"] = {"load_s": round(load_s, 2), "batched_frame_batch": 32, "batched_fps": round(batched, 1),
-                        "per_frame_fps": round(single, 1), "ratio": round(batched / single, 2)}
+    seconds(faces, utt_short, faces.frame_batch)  # warm-up
+    figures["faces"] = {"load_s": round(load_s, 2), **compare(faces, utt, 32, n, args.rounds)}
     if device == "cpu":  # why the extractors use one thread: the same batched run with torch's default
         faces.cpu_threads = None
-        figures["faces"]["batched_fps_default_threads"] = round(rate(faces, utt_short, 32, few), 1)
+        figures["faces"]["batched_fps_default_threads"] = round(few / seconds(faces, utt_short, 32), 1)
         figures["faces"]["default_threads"] = torch.get_num_threads()
         faces.cpu_threads = 1
 
@@ -108,13 +117,10 @@ def main() -> None:
         t = time.perf_counter()
         ex.ensure_loaded()
         load_s = time.perf_counter() - t
-        rate(ex, utt_short, 64, few)  # warm-up
-        batched = rate(ex, utt, 64, n, repeat=2)
-        single = rate(ex, utt, 1, n, repeat=2)
-        figures[name] = {"dim": ex.dim, "load_s": round(load_s, 2), "batched_frame_batch": 64,
-                         "batched_fps": round(batched, 1), "per_frame_fps": round(single, 1),
-                         "ratio": round(batched / single, 2)}
+        seconds(ex, utt_short, 64)  # warm-up
+        figures[name] = {"dim": ex.dim, "load_s": round(load_s, 2), **compare(ex, utt, 64, n, args.rounds)}
     figures["torch"] = torch.__version__
+    figures["load_average_1min_at_end"] = round(os.getloadavg()[0], 2)
     write_result("visual", figures)
     shutil.rmtree(tmp, ignore_errors=True)
 

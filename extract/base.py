@@ -183,6 +183,29 @@ def file_digest(path: str | Path) -> str:
     return d
 
 
+def plan_buckets(order: list[int], lengths: list[int], *, budget: float | None = None, limit: int | None = None,
+                 max_padding: float | None = None) -> list[list[int]]:
+    """Split ``order`` (item indices sorted by length, either way) into consecutive buckets for
+    padded batches: a bucket's padded size (longest length x count) stays within ``budget``, its
+    count within ``limit``, and its padding fraction (1 - real / padded size) within
+    ``max_padding``; None: no bound. An item that breaks a bound alone still gets its own bucket."""
+    buckets: list[list[int]] = []
+    bucket: list[int] = []
+    longest = total = 0
+    for k in order:
+        n = lengths[k]
+        size = max(longest, n) * (len(bucket) + 1)
+        if bucket and ((budget is not None and size > budget) or (limit is not None and len(bucket) >= limit)
+                       or (max_padding is not None and 1 - (total + n) / size > max_padding)):
+            buckets.append(bucket)
+            bucket, longest, total = [], 0, 0
+        bucket.append(k)
+        longest, total = max(longest, n), total + n
+    if bucket:
+        buckets.append(bucket)
+    return buckets
+
+
 # ---- registry ----------------------------------------------------------------------------------
 
 _REGISTRY = Registry("extractor", "extract", skip=("base",))

@@ -17,10 +17,11 @@ import bisect
 import hashlib
 import re
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 
-from extract.base import Extractor, ExtractorUnavailable, Failure, Output, file_digest, register
+from extract.base import Extractor, ExtractorUnavailable, Failure, Output, file_digest, plan_buckets, register
 from manifests.schema import Utterance
 
 # ---- transcripts -------------------------------------------------------------------------------
@@ -151,7 +152,11 @@ class Bert(Extractor):
     modality = "text"
     defaults = {"model": "bert-base-uncased", "revision": None, "layer": -1, "special_tokens": True,
                 "pooling": "none", "max_length": 512, "normalize": True, "fp16": True}
-    batch_size = 32  # utterances per forward pass; sorted by length inside it to limit padding
+    batch_size = 32  # utterances per extract() call and at most per forward pass; sorted by length
+    # On CPU a forward pass's cost follows its padded tokens: the sorted utterances are cut into
+    # buckets padded by at most this fraction (None: one forward per call, as on a GPU). Same
+    # output for any value, only speed changes; see bench/bench_text.py.
+    cpu_max_padding: ClassVar[float | None] = 0.1
     default = False  # weights not shipped; see minilm-l6 for the offline default
 
     def __init__(self, device: str = "cpu", **params):
@@ -316,8 +321,8 @@ class Bert(Extractor):
             except Exception as e:  # noqa: BLE001 - one bad transcript must not stop the run
                 results[i] = Failure(f"{u.id}: {type(e).__name__}: {e}")
         todo.sort(key=lambda t: len(t[1]["fields"]["input_ids"]))  # similar lengths → little padding
-        for s in range(0, len(todo), self.batch_size):
-            chunk = todo[s:s + self.batch_size]
+        for bucket in self._buckets([len(it["fields"]["input_ids"]) for _, it in todo]):
+            chunk = [todo[k] for k in bucket]
             try:
                 feats = self._forward([it for _, it in chunk])
             except Exception:  # noqa: BLE001 - retry one by one so only the culprit fails
@@ -330,6 +335,11 @@ class Bert(Extractor):
             for (i, it), f in zip(chunk, feats):
                 results[i] = f if isinstance(f, Failure) else Output(self._rows(f, it), info=it["info"])
         return results  # type: ignore[return-value]
+
+    def _buckets(self, lengths: list[int]) -> list[list[int]]:
+        """Forward passes over the length-sorted utterances: indices into ``lengths``."""
+        cap = self.cpu_max_padding if self._torch_device == "cpu" else None
+        return plan_buckets(list(range(len(lengths))), lengths, limit=self.batch_size, max_padding=cap)
 
     def extract_one(self, utt: Utterance) -> Output:
         r = self.extract([utt])[0]

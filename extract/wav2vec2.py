@@ -17,17 +17,25 @@ padding. Here that layer's statistics are taken over each utterance's real sampl
 attention mask this makes a batched forward equal to the unpadded per-utterance forward (what HF
 gives for batch size 1). Chunks are stitched back by cutting each overlap in its middle; chunk
 starts are multiples of the model's total conv stride, so the CNN frames line up exactly.
+
+On CPU each chunk is forwarded alone (``cpu_batch = 1``), unpadded and without a mask, which is
+exactly HF's batch-of-one forward. bench/bench_audio.py (one thread) measured the padded buckets
+there at 0.36x (4 layers, 256 dims) and 0.62x (wav2vec2-base's shape) the speed of one chunk at a
+time; trials with tight buckets (padding under 10-30%) ranged 0.7x-1.1x, no reliable gain. A
+one-chunk matmul is already large enough for the CPU's BLAS, the conv stack (most of the time)
+gains nothing from a batch, and a batch pays for its padding. The buckets are for the GPU.
 """
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 
 from extract.audio_io import load_audio
-from extract.base import Extractor, ExtractorUnavailable, Failure, Output, file_digest, register
+from extract.base import Extractor, ExtractorUnavailable, Failure, Output, file_digest, plan_buckets, register
 
 SR = 16000
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
@@ -44,6 +52,8 @@ class Wav2Vec2(Extractor):
                 "chunk_s": 30.0, "overlap_s": 4.0, "batch_seconds": 160.0, "fp16": True}
     batch_size = 16
     default = True
+    # chunks per forward pass on CPU (see the module doc); same output for any value, only speed changes
+    cpu_batch: ClassVar[int | None] = 1
 
     def __init__(self, device: str = "cpu", **params):
         super().__init__(device, **params)
@@ -209,17 +219,9 @@ class Wav2Vec2(Extractor):
         assert len(out) == self._n_frames(n), (len(out), self._n_frames(n))
         return out
 
-    def _buckets(self, order: list[int], lengths: list[int]):
-        """Consecutive length-sorted chunks while the padded batch stays under batch_seconds."""
-        budget = self.params["batch_seconds"] * SR
-        bucket: list[int] = []
-        for k in order:
-            if bucket and lengths[bucket[0]] * (len(bucket) + 1) > budget:
-                yield bucket
-                bucket = []
-            bucket.append(k)
-        if bucket:
-            yield bucket
+    def _buckets(self, order: list[int], lengths: list[int]) -> list[list[int]]:
+        limit = self.cpu_batch if self._device == "cpu" else None
+        return plan_buckets(order, lengths, budget=self.params["batch_seconds"] * SR, limit=limit)
 
     def _forward(self, waves: list[np.ndarray]) -> list[np.ndarray]:
         """Selected hidden states of each (normalised) waveform, zero-padded into one batch."""
@@ -232,12 +234,14 @@ class Wav2Vec2(Extractor):
             x[b, :len(w)] = w
             mask[b, :len(w)] = 1
         x_t = torch.from_numpy(x).to(self._device)
-        m_t = torch.from_numpy(mask).to(self._device)
-        if self._masked_norm is not None:
+        # one chunk has no padding: no mask and the model's own group norm, i.e. HF's batch-of-one forward
+        padded = len(waves) > 1
+        m_t = torch.from_numpy(mask).to(self._device) if padded else None
+        if self._masked_norm is not None and padded:
             self._masked_norm.lengths = torch.as_tensor(lengths, device=self._device)
         try:
             with torch.inference_mode(), torch.autocast("cuda", dtype=torch.float16, enabled=self._amp):
-                o = self._model(x_t, attention_mask=m_t, output_hidden_states=True)
+                o = self._model(x_t, attention_mask=m_t, output_hidden_states=self._layers[0] != ["last"])
         finally:
             if self._masked_norm is not None:
                 self._masked_norm.lengths = None

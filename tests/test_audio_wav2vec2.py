@@ -1,5 +1,6 @@
 """wav2vec2 extractor on tiny models built here (random weights, saved to a temp dir): batched ==
-per-utterance HF forwards, layer selection, chunk stitching, identity, and the no-weights error."""
+per-utterance HF forwards, the bucket plan (one chunk at a time on CPU), layer selection, chunk
+stitching, identity, and the no-weights error."""
 
 from __future__ import annotations
 
@@ -63,11 +64,12 @@ def reference(model_dir, utt, layer="last"):
     return np.mean([o.hidden_states[i][0].numpy() for i in layer], axis=0)
 
 
-@pytest.mark.parametrize("norm", ["group", "layer"])
-def test_batched_equals_per_utterance_forward(models, utts, norm):
+@pytest.mark.parametrize("norm, cpu_batch", [("group", None), ("layer", None), ("group", 1)])
+def test_batched_equals_per_utterance_forward(models, utts, norm, cpu_batch):
     e = create("wav2vec2", model=models[norm])
+    e.cpu_batch = cpu_batch  # None: the GPU's padded buckets, here on CPU; 1: the CPU default
     assert (e.dim, e.frame_rate) == (32, SR / 80)
-    outs = e.extract(utts)  # one batch, five lengths: heavy padding
+    outs = e.extract(utts)  # None: one batch, five lengths: heavy padding
     for u, o in zip(utts, outs):
         ref = reference(models[norm], u)
         assert o.features.shape == ref.shape
@@ -75,6 +77,37 @@ def test_batched_equals_per_utterance_forward(models, utts, norm):
     one_by_one = [e.extract([u])[0].features for u in utts]
     for a, b in zip(one_by_one, outs):
         np.testing.assert_allclose(a, b.features, atol=1e-4)
+
+
+def test_bucket_plan():
+    from extract.base import plan_buckets
+
+    lengths = [10, 40, 30, 30, 5, 20]
+    order = sorted(range(6), key=lambda k: lengths[k], reverse=True)  # 1, 2, 3, 5, 0, 4
+    assert plan_buckets(order, lengths, budget=100) == [[1, 2], [3, 5, 0], [4]]  # 40x2, 30x3 <= 100
+    assert plan_buckets(order, lengths, budget=100, limit=2) == [[1, 2], [3, 5], [0, 4]]
+    assert plan_buckets(order, lengths, budget=100, limit=1) == [[k] for k in order]
+    assert plan_buckets(order, lengths, budget=10) == [[k] for k in order]  # over budget: alone
+    assert plan_buckets(order, lengths) == [order]
+    # padding fraction: [40, 30, 30] pads 20 of 120 (0.17); adding 20 would pad 40 of 160 (0.25)
+    assert plan_buckets(order, lengths, max_padding=0.2) == [[1, 2, 3], [5], [0], [4]]
+    assert plan_buckets(order, lengths, max_padding=0.15) == [[1, 2], [3], [5], [0], [4]]
+    # ascending: [5, 10] pads 0.25, [5, 10, 20] would pad 0.42; [20, 30, 30, 40] pads 0.25
+    assert plan_buckets(order[::-1], lengths, max_padding=0.3) == [[4, 0], [5, 3, 2, 1]]
+
+
+def test_cpu_forwards_one_chunk_at_a_time(models, utts, monkeypatch):
+    """The CPU fallback is taken (bench/bench_audio.py: batching lost there), the GPU plan is not."""
+    e = create("wav2vec2", model=models["group"])
+    sizes: list[int] = []
+    inner = e._forward
+    monkeypatch.setattr(e, "_forward", lambda waves: sizes.append(len(waves)) or inner(waves))
+    e.extract(utts)
+    assert sizes == [1] * len(utts)
+    e._device = "cuda"  # planning only: the same chunks in padded buckets under batch_seconds
+    assert [len(b) for b in e._buckets(list(range(5)), [16000] * 5)] == [5]
+    e.params["batch_seconds"] = 2.0
+    assert [len(b) for b in e._buckets(list(range(5)), [16000] * 5)] == [2, 2, 1]
 
 
 def test_plain_zero_padding_would_not_match(models, utts):

@@ -71,8 +71,10 @@ def test_registry_flags_and_dim_without_loading(tiny):
     assert "weights" in ex.model_identity()
 
 
-def test_matches_transformers_and_batched_equals_one_by_one(tiny, reference):
+@pytest.mark.parametrize("cap", [None, 0.1])  # None: one padded forward per call (GPU); 0.1: the CPU default
+def test_matches_transformers_and_batched_equals_one_by_one(tiny, reference, cap):
     ex = create("bert", model=str(tiny))
+    ex.cpu_max_padding = cap
     batched = ex.extract(_utts(SENTENCES))
     for text, out in zip(SENTENCES, batched):
         ref, _ = reference(text)
@@ -84,6 +86,27 @@ def test_matches_transformers_and_batched_equals_one_by_one(tiny, reference):
     ex.batch_size = 2
     for a, b in zip(ex.extract(_utts(SENTENCES)), batched):
         np.testing.assert_allclose(a.features, b.features, atol=1e-5)
+
+
+def test_cpu_buckets_cap_the_padding(tiny, monkeypatch):
+    """On CPU the length-sorted sentences go in buckets padded by at most cpu_max_padding
+    (bench/bench_text.py: fewer padded tokens beat fewer forward passes); else one per call."""
+    ex = create("bert", model=str(tiny))
+    sizes: list[list[int]] = []
+    inner = ex._forward
+    monkeypatch.setattr(ex, "_forward", lambda items: sizes.append([len(it["fields"]["input_ids"]) for it in items])
+                        or inner(items))
+    texts = ["the mat", "the cat", "i am happy", "the cat sat on the mat", "the cat sat on a mat", "i am sad"]
+    ex.extract(_utts(texts))  # 4, 4, 5, 5, 8, 8 pieces with [CLS]/[SEP]
+    assert sizes == [[4, 4], [5, 5], [8, 8]]  # [4, 4, 5] would pad 2 of 15 pieces (0.13 > 0.1)
+    assert ex._buckets([4, 4, 5, 5, 8, 8]) == [[0, 1], [2, 3], [4, 5]]
+    assert ex._buckets([10, 10, 11, 11]) == [[0, 1, 2, 3]]  # pads 2 of 44
+    ex.cpu_max_padding = None
+    assert ex._buckets([4, 4, 5, 5, 8, 8]) == [[0, 1, 2, 3, 4, 5]]
+    ex.batch_size = 4
+    assert ex._buckets([4, 4, 5, 5, 8, 8]) == [[0, 1, 2, 3], [4, 5]]
+    ex._torch_device, ex.cpu_max_padding = "cuda", 0.1  # planning only: no cap off the CPU
+    assert ex._buckets([3, 8]) == [[0, 1]]
 
 
 def test_layer_selection(tiny, reference):
