@@ -120,6 +120,10 @@ class Extractor:
     def load(self) -> None:
         """Load models/weights; called once before the first extract. Raise ExtractorUnavailable."""
 
+    def check_available(self) -> None:
+        """A cheap look (no model import) for what ``load`` needs, e.g. weights in the HF cache;
+        raise ExtractorUnavailable when it is absent, so a rerun skips the stage in milliseconds."""
+
     def ensure_loaded(self) -> None:
         if not self._loaded:
             self.load()

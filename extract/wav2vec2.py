@@ -113,6 +113,18 @@ class Wav2Vec2(Extractor):
         return str(err).splitlines()[0] if str(err) else type(err).__name__
 
     # -- running ---------------------------------------------------------------------------------
+    def check_available(self) -> None:
+        model = Path(self.params["model"]).expanduser()
+        if model.is_dir():
+            found = any((model / f).is_file() for f in WEIGHT_FILES) or any(model.glob("*.safetensors"))
+        else:
+            from huggingface_hub import try_to_load_from_cache
+
+            found = any(isinstance(try_to_load_from_cache(self.params["model"], f, revision=self.params["revision"]), str)
+                        for f in WEIGHT_FILES)
+        if not found:
+            raise ExtractorUnavailable(self._unavailable("no model.safetensors / pytorch_model.bin"))
+
     def load(self) -> None:
         from transformers import AutoFeatureExtractor, AutoModel, Wav2Vec2FeatureExtractor
 

@@ -433,6 +433,7 @@ def run_features(manifest: Manifest, extractors: list[Extractor], *, workers: in
                 ext.upstream = {n: FeatureStore.open(p) for n, p in ups.items()}
             if todo:
                 try:
+                    ext.check_available()  # before torch / the model library are imported
                     _resolve_device(ext)
                     if cluster is None:
                         ext.ensure_loaded()  # before creating the store: no empty store for an unavailable one

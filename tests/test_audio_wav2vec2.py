@@ -207,3 +207,12 @@ def test_no_weights_says_how_to_provide_them(tmp_path):
     empty.mkdir()
     with pytest.raises(ExtractorUnavailable, match="no weights"):
         create("wav2vec2", model=str(empty)).ensure_loaded()
+
+
+def test_cheap_availability_check(models, tmp_path):
+    """The runner calls check_available before importing torch or transformers: it must refuse
+    exactly what load() would refuse, and pass a real local model."""
+    create("wav2vec2", model=str(models["group"])).check_available()
+    for missing in ("imer-test/no-such-speech-model", str(tmp_path)):
+        with pytest.raises(ExtractorUnavailable, match="no weights"):
+            create("wav2vec2", model=missing).check_available()
