@@ -12,7 +12,6 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
-from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score, mean_absolute_error
 
 CLASSIFICATION = ("wa", "ua", "f1")
 REGRESSION = ("acc2", "acc2_has0", "f1", "acc7", "mae", "corr")
@@ -22,6 +21,8 @@ NAMES = {"wa": "WA", "ua": "UA", "f1": "F1", "acc2": "ACC2", "acc2_has0": "ACC2 
 
 
 def classification_metrics(y_true, y_pred) -> dict:
+    from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score  # scikit-learn: only when scoring
+
     y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
     if len(y_true) == 0:
         return {"wa": float("nan"), "ua": float("nan"), "f1": float("nan"), "n": 0}
@@ -34,6 +35,8 @@ def classification_metrics(y_true, y_pred) -> dict:
 
 
 def regression_metrics(y_true, y_pred) -> dict:
+    from sklearn.metrics import accuracy_score, f1_score, mean_absolute_error
+
     y, p = np.asarray(y_true, np.float64), np.asarray(y_pred, np.float64)
     if len(y) == 0:
         return {k: float("nan") for k in ("acc2", "f1", "acc2_has0", "f1_has0", "acc7", "acc3", "mae", "corr")} | {"n": 0}

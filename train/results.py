@@ -107,7 +107,7 @@ def override_note(cfg: dict) -> str:
 
 def write_run_outputs(run_dir: Path, cfg: dict, meta: dict) -> str:
     """Write metrics.json / metrics.csv / table.md / curves.png / conditions.png; return the table."""
-    import pandas as pd
+    import csv
 
     run_dir = Path(run_dir)
     from train.run import eval_columns
@@ -120,7 +120,11 @@ def write_run_outputs(run_dir: Path, cfg: dict, meta: dict) -> str:
         {"method": cfg["name"], "dataset": meta.get("dataset"), "task": task,
          "summary": {m: {c: {"mean": v[0], "std": v[1], "n": v[2]} for c, v in cols.items()} for m, cols in summ.items()},
          "runs": results}, indent=1, default=float))
-    pd.DataFrame(rows).to_csv(run_dir / "metrics.csv", index=False)
+    with open(run_dir / "metrics.csv", "w", newline="") as f:
+        fields = list(dict.fromkeys(k for r in rows for k in r))  # every row's columns, first-seen order
+        w = csv.DictWriter(f, fieldnames=fields, lineterminator="\n")
+        w.writeheader()
+        w.writerows(rows)
     n_runs = len(results)
     table = markdown_table({cfg["name"]: summ}, task)
     note = override_note(cfg)
@@ -133,8 +137,12 @@ def write_run_outputs(run_dir: Path, cfg: dict, meta: dict) -> str:
         doc += [note, ""]
     doc += [table, ""]
     (run_dir / "table.md").write_text("\n".join(doc))
-    plot_curves(results, run_dir / "curves.png", cfg["name"])
-    plot_conditions({cfg["name"]: summ}, task, run_dir / "conditions.png", f"{cfg['name']} on {meta.get('dataset')}")
+    # the figures are redrawn only when a fold's result is newer (matplotlib costs a second to load)
+    newest = max((p.stat().st_mtime for p in run_dir.glob("folds/*/seed*/result.json")), default=float("inf"))
+    figs = (run_dir / "curves.png", run_dir / "conditions.png")
+    if any(not f.is_file() or f.stat().st_mtime < newest for f in figs):
+        plot_curves(results, figs[0], cfg["name"])
+        plot_conditions({cfg["name"]: summ}, task, figs[1], f"{cfg['name']} on {meta.get('dataset')}")
     return table
 
 

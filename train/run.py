@@ -37,7 +37,6 @@ from train import metrics, protocols
 from train.config import ConfigError, load_config
 from train.data import MultimodalData, Normalizer
 from train.results import write_run_outputs
-from train.trainer import Trainer, evaluate, load_checkpoint
 
 
 def results_root(root: str | Path | None = None) -> Path:
@@ -109,34 +108,50 @@ class Experiment:
 
     def __init__(self, data: MultimodalData, folds: list, cfg: dict, run_dir: Path, *, dataset: str,
                  device: str = "cpu", root: Path | None = None, prereq_overrides: dict | None = None,
-                 progress: bool = True, callbacks=(), log=print, workers: int = 1, cluster=None):
+                 progress: bool = True, callbacks=(), log=print, workers: int = 1, cluster=None,
+                 threads: int | None = None):
         self.data = data
+        self.threads = threads
         self.folds = folds
         self.workers = max(1, int(workers))
         self.cluster = cluster  # a pipeline.cluster.Cluster to share (imer demo), else one per run
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.dataset = dataset
-        self.device = device
+        self._device = device  # "auto" is resolved (importing torch) only when a fold has work
         self.root = results_root(root)
         self.prereq_overrides = prereq_overrides or {}
         self.progress = progress
         self.callbacks = list(callbacks)
         self.log = log
 
+    @property
+    def device(self) -> str:
+        if self._device == "auto":
+            from pipeline.device import resolve_device
+
+            self._device = resolve_device("auto")
+        return self._device
+
     # -- one fold x seed ----------------------------------------------------------------------------
     def run_fold(self, cfg: dict, fold, seed: int, out_dir: Path) -> dict:
         """Train (or reuse) one fold x seed and evaluate it under every test column of
-        ``cfg["eval"]``; a finished model is only evaluated on the columns it lacks."""
-        import torch
-
-        from train.methods import build
-
+        ``cfg["eval"]``; a finished model is only evaluated on the columns it lacks (a fully
+        finished one costs no torch import: a rerun of a finished run is quick)."""
         sig = fold_signature(cfg, self.data, fold, seed)
         cols = eval_columns(cfg)
         res = self.finished(cfg["name"], fold, seed, sig, out_dir)
         if res is not None and all(c in res["test"] for c in cols):
             return res
+        with torch_threads(self.device, int(self.threads or 1)):  # 1 on CPU unless told (cpu_threads)
+            return self._train_and_test(cfg, fold, seed, out_dir, sig, cols, res)
+
+    def _train_and_test(self, cfg: dict, fold, seed: int, out_dir: Path, sig: str, cols: list, res) -> dict:
+        import torch
+
+        from train.methods import build
+        from train.trainer import Trainer, evaluate, load_checkpoint
+
         t0 = time.perf_counter()
         tr = self.data.indices(fold.train, f"fold {fold.name} train")
         va = self.data.indices(fold.val, f"fold {fold.name} val")
@@ -227,6 +242,8 @@ class Experiment:
         if self.finished(name, fold, seed, sig, pdir) is None:
             self.log(f"  {name} {fold.name} seed {seed}: training the prerequisite")
             self.run_fold(pcfg, fold, seed, pdir)
+        from train.trainer import load_checkpoint
+
         method, _, _ = load_checkpoint(pdir / "best.pt", self.device)
         return method
 
@@ -235,7 +252,7 @@ class Experiment:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.run_dir / "config.yaml", yaml.safe_dump(self.cfg, sort_keys=False))
         meta = {**meta, "status": "running", "started": meta.get("started") or time.strftime("%Y-%m-%dT%H:%M:%S"),
-                "folds": [f.name for f in self.folds], "seeds": seeds, "device": self.device,
+                "folds": [f.name for f in self.folds], "seeds": seeds, "device": self._device,
                 "task": self.data.task, "labels": self.data.labels, "dims": self.data.spec.dims,
                 "data_signature": self.data.signature, "n_utterances": len(self.data)}
         _write_json(self.run_dir / "run.json", meta)
@@ -251,7 +268,7 @@ class Experiment:
             for fold, seed in pairs:
                 done(fold, seed, self.run_fold(self.cfg, fold, seed, outs[fold.name, seed]))
         table = write_run_outputs(self.run_dir, self.cfg, meta)
-        meta.update(status="complete", finished=time.strftime("%Y-%m-%dT%H:%M:%S"),
+        meta.update(device=self._device, status="complete", finished=time.strftime("%Y-%m-%dT%H:%M:%S"),
                     wall_s=meta.get("wall_s", 0) + time.perf_counter() - t0)
         _write_json(self.run_dir / "run.json", meta)
         return table
@@ -271,7 +288,7 @@ class Experiment:
         try:
             client = cluster.get()
             worker = copy.copy(self)
-            worker.progress, worker.log, worker.cluster, worker.workers = False, _quiet, None, 1
+            worker.progress, worker.log, worker.cluster, worker.workers, worker.threads = False, _quiet, None, 1, 1
             remote = client.scatter(worker, broadcast=True)  # the data travels once per worker
             futs = {client.submit(_fold_task, remote, f.name, s, outs[f.name, s], pure=False): (f, s) for f, s in pairs}
             bar = tqdm(total=len(pairs), desc=f"{self.cfg['name']} folds x seeds", disable=not self.progress)
@@ -354,9 +371,9 @@ def run_experiment(data: MultimodalData, folds: list, cfg: dict, *, dataset: str
                    seeds=None, device: str = "cpu", results_dir: str | Path | None = None,
                    run_id: str | None = None, resume: bool = True, meta: dict | None = None,
                    prereq_overrides: dict | None = None, progress: bool = True, callbacks=(),
-                   log=print, workers: int = 1, cluster=None) -> Path:
+                   log=print, workers: int = 1, cluster=None, threads: int | None = None) -> Path:
     """Train ``cfg`` on every selected fold x seed of ``data`` (``workers`` > 1: in parallel worker
-    processes); returns the run directory."""
+    processes; ``threads``: torch threads on CPU, default 1); returns the run directory."""
     folds = select_folds(folds, fold_select)
     seeds = parse_seeds(seeds) or parse_seeds(cfg.get("seeds", [0]))
     root = results_root(results_dir)
@@ -382,7 +399,7 @@ def run_experiment(data: MultimodalData, folds: list, cfg: dict, *, dataset: str
             **(meta or {})}
     exp = Experiment(data, folds, cfg, run_dir, dataset=dataset, device=device, root=root,
                      prereq_overrides=prereq_overrides, progress=progress, callbacks=callbacks, log=log,
-                     workers=workers, cluster=cluster)
+                     workers=workers, cluster=cluster, threads=threads)
     table = exp.run(seeds, meta)
     log(f"\n{cfg['name']} on {dataset} — {run_dir}\n{table}")
     return run_dir
@@ -445,7 +462,7 @@ def train_method(dataset: str, method: str, folds=None, seeds=None, device: str 
 
     cfg = load_config(method, dataset, overrides)
     prereq_overrides = prerequisite_overrides(overrides, prereq_overrides)
-    dev = resolve_device(device)
+    dev = device if device == "auto" else resolve_device(device)  # auto: resolved when a fold has work
     man = load_manifest(dataset, data_root=data_root, manifest=manifest)
     proto, fold_list = load_folds(dataset, protocol or cfg.get("fold_protocol"))  # CLI, else the config's
     check_dataset_folds(man, dataset, proto, fold_list)
@@ -453,11 +470,10 @@ def train_method(dataset: str, method: str, folds=None, seeds=None, device: str 
     data = build_data(man, stores, cfg)
     meta = {"protocol": proto, "features": store_description(stores),
             "manifest": str(man.path) if man.path else None, "argv": sys.argv}
-    with cpu_threads(dev, threads):
-        return run_experiment(data, fold_list, cfg, dataset=dataset, fold_select=folds, seeds=seeds, device=dev,
-                              results_dir=results_dir, run_id=run_id, resume=resume, meta=meta,
-                              prereq_overrides=prereq_overrides, progress=progress, log=log,
-                              workers=workers, cluster=cluster)
+    return run_experiment(data, fold_list, cfg, dataset=dataset, fold_select=folds, seeds=seeds, device=dev,
+                          results_dir=results_dir, run_id=run_id, resume=resume, meta=meta,
+                          prereq_overrides=prereq_overrides, progress=progress, log=log,
+                          workers=workers, cluster=cluster, threads=threads)
 
 
 def prerequisite_overrides(overrides: dict | None, per_prereq: dict | None = None) -> dict:
