@@ -285,16 +285,12 @@ class MultimodalData:
         x, lengths, fmask = {}, {}, {}
         for m in MODALITIES:
             s = self.seqs[m]
-            ln = s.lengths[idx]
-            cap = self.max_len.get(m)
-            if cap:
-                ln = np.minimum(ln, cap)
+            ln, cap = self._capped(idx, m), self.max_len.get(m)
             if self.resample_to:
                 arr, valid = self._resampled(s, idx, ln)
-                ln = np.where(ln > 0, self.resample_to, 0)
             else:
                 arr, valid = self._padded(s, idx, ln, cap)
-            eff = np.maximum(ln, 1)  # an absent modality is one zero frame
+            eff = self.frames(idx, m)  # an absent modality is one zero frame
             if normalizer is not None and m in normalizer.mean:
                 arr = (arr - normalizer.mean[m]) / normalizer.std[m]
             arr = np.where(valid[..., None], arr, 0)  # padding and absent frames exactly zero (selection)
@@ -338,12 +334,15 @@ class MultimodalData:
                 arr[b] = x[lo[b]] * (1 - w[b]) + x[hi[b]] * w[b]
         return arr, valid
 
+    def _capped(self, idx, m: str) -> np.ndarray:
+        """Stored lengths of modality ``m`` for rows ``idx``, cut at ``data.max_len``."""
+        ln = self.seqs[m].lengths[np.asarray(idx, dtype=np.int64)]
+        return np.minimum(ln, self.max_len[m]) if self.max_len.get(m) else ln
+
     def frames(self, idx, m: str) -> np.ndarray:
         """Frames modality ``m`` of rows ``idx`` takes in a batch (after max_len / resample_to;
         an absent modality is one frame)."""
-        ln = self.seqs[m].lengths[np.asarray(idx, dtype=np.int64)]
-        if self.max_len.get(m):
-            ln = np.minimum(ln, self.max_len[m])
+        ln = self._capped(idx, m)
         if self.resample_to:
             ln = np.where(ln > 0, self.resample_to, 0)
         return np.maximum(ln, 1)

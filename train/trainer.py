@@ -105,10 +105,9 @@ def evaluate(method, data: MultimodalData, idx, columns, normalizer: Normalizer 
     idx = np.asarray(idx, dtype=np.int64)
     ids = [data.ids[i] for i in idx]
     avail = {c: protocols.masks(c, ids, seed) for c in columns}
-    share = share and output == "predict"
-    ordered = share and shares_encoders(method)  # outputs per sample: batches may be sorted by length
-    share = ordered and len(columns) > 2  # two encoder passes pay off from three columns on
-    order = data.length_order(idx) if ordered else np.arange(len(idx))
+    per_sample = share and output == "predict" and shares_encoders(method)  # so batches may be sorted
+    share = per_sample and len(columns) > 2  # two encoder passes pay off from three columns on
+    order = data.length_order(idx) if per_sample else np.arange(len(idx))
     res = {c: {"index": [], "y": [], "out": []} for c in columns}
     was_training = method.training
     method.eval()
