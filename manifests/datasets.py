@@ -146,6 +146,15 @@ def check_dataset_folds(manifest: Manifest, dataset: str, protocol: str, folds: 
     check_folds(manifest, folds, path, how)
 
 
+def manifest_and_folds(dataset: str, data_root=None, manifest=None, protocol: str | None = None):
+    """(manifest, protocol, folds) of ``dataset``, the manifest built first where it is missing (the
+    demo is generated), the folds checked against it: what training and comparing start from."""
+    man = load_manifest(dataset, data_root=data_root, manifest=manifest)
+    proto, folds = load_folds(dataset, protocol)
+    check_dataset_folds(man, dataset, proto, folds)
+    return man, proto, folds
+
+
 # ---- imported feature stores ------------------------------------------------------------------------
 
 def feature_map(dataset: str) -> dict[str, dict] | None:

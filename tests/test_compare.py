@@ -11,7 +11,7 @@ import pytest
 from scipy.stats import wilcoxon
 
 from train.compare import compare, plan
-from train.compare_report import _check_comparable, paired_test
+from train.compare_report import _check_comparable, detectable_gap, paired_power, paired_test, pairs_needed
 from train.report import ReportError
 from train.synthetic import synthetic_data, synthetic_folds
 
@@ -96,6 +96,21 @@ def test_paired_test_equals_scipy():
     assert paired_test(a, a, "average")["p"] == 1.0  # identical runs: no difference
 
 
+def test_power_matches_simulated_paired_t_tests():
+    """The stated power is what repeated paired t-tests achieve on simulated differences."""
+    from scipy.stats import ttest_1samp
+
+    rng = np.random.default_rng(1)
+    for gap, sd, n in [(0.02, 0.04, 6), (0.02, 0.04, 20), (0.01, 0.02, 12)]:
+        d = gap + sd * rng.standard_normal((4000, n))
+        hits = np.mean(ttest_1samp(d, 0.0, axis=1).pvalue < 0.05)
+        assert paired_power(gap, sd, n) == pytest.approx(hits, abs=0.025)
+    g = detectable_gap(0.04, 6)
+    assert paired_power(g, 0.04, 6) == pytest.approx(0.8) and 0.05 < g < 0.065
+    n = pairs_needed(0.02, 0.04)  # the normal approximation gives (1.96 + 0.84)^2 * 4 = 31.4
+    assert paired_power(0.02, 0.04, n) >= 0.8 > paired_power(0.02, 0.04, n - 1) and 31 < n < 36
+
+
 def test_report_refuses_runs_that_differ(tmp_path):
     runs = {}
     for m, folds, seeds in (("a", ["f1", "f2"], [0]), ("b", ["f1", "f2"], [0]), ("c", ["f1"], [0])):
@@ -111,3 +126,13 @@ def test_report_refuses_runs_that_differ(tmp_path):
                                                     "features": {"audio": {"key": "compare-1"}}}))
     with pytest.raises(ReportError, match="seeds"):
         _check_comparable({k: runs[k] for k in ("a", "b")})
+
+
+def test_compare_on_a_fresh_cache_builds_the_manifest_first(tiny_demo, tmp_path, monkeypatch):
+    """`make compare` on a fresh clone: no manifest, no fold file, no stores yet."""
+    monkeypatch.setenv("IMER_CACHE", str(tmp_path / "fresh-cache"))
+    out = compare("demo", ["baseline"], overrides=TINY, folds="1", seeds=[0], workers=1, results_dir=tmp_path,
+                  data_root=str(tiny_demo.parent), progress=False, log=lambda *_: None)
+    info = json.loads((out / "compare.json").read_text())
+    assert info["failed"] == {} and info["folds"] and (out / "report.md").is_file()
+    assert (tmp_path / "fresh-cache" / "manifests" / "demo" / "manifest.jsonl").is_file()

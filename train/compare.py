@@ -213,10 +213,10 @@ def compare(dataset: str, methods=None, *, features: dict | None = None, overrid
         features = feature_set("demo")
     if features:
         over["features"] = features
-    if fold_list is None:
-        from manifests.datasets import load_folds
+    if fold_list is None:  # on a fresh cache the manifest is built here (the demo is generated)
+        from manifests.datasets import manifest_and_folds
 
-        _, fold_list = load_folds(dataset, None)
+        _, _, fold_list = manifest_and_folds(dataset, data_root, manifest)
     folds_sel = select_folds(fold_list, folds)
     seeds = parse_seeds(seeds) or [int(s) for s in load_config(methods[0], dataset, over).get("seeds", [0])]
     cid = compare_id(dataset, methods, over, folds_sel, seeds)

@@ -10,7 +10,8 @@ import json
 from pathlib import Path
 
 import numpy as np
-from scipy.stats import rankdata, wilcoxon
+from scipy.optimize import brentq
+from scipy.stats import nct, rankdata, t as student_t, wilcoxon
 
 from train import protocols
 from train.metrics import NAMES
@@ -19,6 +20,8 @@ from train.results import collect
 
 REFERENCES = ("baseline-aug", "mmin")
 ALPHA = 0.05
+POWER = 0.8     # the power at which the report states the smallest detectable gap
+TARGET = 0.02   # the gap (2 points) for which it states how many pairs would be needed
 
 
 def scores(run_dir: Path, metric: str, columns) -> dict[tuple[str, int], dict[str, float]]:
@@ -44,7 +47,45 @@ def paired_test(a: dict, b: dict, column: str) -> dict:
     if len(x) < 2 or not np.any(x != y):
         return {**out, "statistic": float("nan"), "p": 1.0 if len(x) else float("nan")}
     res = wilcoxon(x, y)
-    return {**out, "statistic": float(res.statistic), "p": float(res.pvalue)}
+    return {**out, "statistic": float(res.statistic), "p": float(res.pvalue), "sd_diff": float(np.std(x - y, ddof=1))}
+
+
+def paired_power(gap: float, sd: float, n: int, alpha: float = ALPHA) -> float:
+    """Power of a two-sided paired t-test with n pairs to detect a true mean difference ``gap``
+    when the paired differences have standard deviation ``sd`` (noncentral t, exact)."""
+    if n < 2 or sd <= 0:
+        return float("nan")
+    df, crit, nc = n - 1, student_t.ppf(1 - alpha / 2, n - 1), gap * np.sqrt(n) / sd
+    lower = nct.cdf(-crit, df, nc)  # the wrong-sign tail: negligible here, and scipy can return NaN for it
+    return float(nct.sf(crit, df, nc) + (lower if np.isfinite(lower) else 0.0))
+
+
+def detectable_gap(sd: float, n: int, power: float = POWER, alpha: float = ALPHA) -> float:
+    """The smallest true mean difference that n pairs with paired spread ``sd`` detect with ``power``
+    (paired t-test; the Wilcoxon test the report runs needs about 5% more pairs, its asymptotic
+    relative efficiency being 3/pi = 0.955 for normal differences)."""
+    if n < 2 or not sd > 0:
+        return float("nan")
+    hi = sd
+    while paired_power(hi, sd, n, alpha) < power:  # bracket (nct turns NaN far out in the tail)
+        hi *= 2
+    return float(brentq(lambda g: paired_power(g, sd, n, alpha) - power, 1e-9 * sd, hi))
+
+
+def pairs_needed(gap: float, sd: float, power: float = POWER, alpha: float = ALPHA, most: int = 100000) -> int | None:
+    """The fewest pairs at which a paired t-test detects ``gap`` with ``power`` (None: over ``most``)."""
+    if not sd > 0:
+        return None
+    hi = 2
+    while paired_power(gap, sd, hi, alpha) < power:  # power grows with n: bracket, then bisect
+        hi *= 2
+        if hi > most:
+            return None
+    lo = max(2, hi // 2)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (mid + 1, hi) if paired_power(gap, sd, mid, alpha) < power else (lo, mid)
+    return hi
 
 
 def _check_comparable(runs: dict[str, Path]) -> None:
@@ -129,20 +170,31 @@ def _tests(sc: dict, column: str, columns) -> str:
     refs = [r for r in REFERENCES if r in sc]
     if not refs:
         return f"(No paired test: neither {' nor '.join(REFERENCES)} is in the comparison.)"
-    lines = [f"Paired Wilcoxon signed-rank tests on {protocols.title(column, columns)} over (fold, seed) pairs "
+    title = protocols.title(column, columns)
+    lines = [f"Paired Wilcoxon signed-rank tests on {title} over (fold, seed) pairs "
              f"(α = {ALPHA}):", "", "| Method | " + " | ".join(f"vs {r}: Δ, p" for r in refs) + " |",
              "|" + "---|" * (len(refs) + 1)]
+    power = ["", f"What these pairs can detect: the smallest true gap found with {POWER:.0%} power by a paired "
+             f"t-test at α = {ALPHA}, from the spread (sd) of the observed paired differences, and the pairs a "
+             f"{TARGET * 100:g}-point gap would need at that spread:", "",
+             "| Method | " + " | ".join(f"vs {r}: sd, detectable, pairs for {TARGET * 100:g} points" for r in refs) + " |",
+             "|" + "---|" * (len(refs) + 1)]
     for m in sc:
-        cells = []
+        cells, pcells = [], []
         for r in refs:
             if m == r:
                 cells.append("—")
+                pcells.append("—")
                 continue
             t = paired_test(sc[m], sc[r], column)
             verdict = "significant" if t["p"] < ALPHA else "not significant"
             cells.append(f"{t['mean_diff']:+.4f}, p = {t['p']:.3g} ({verdict}, n = {t['n']})")
+            sd = t.get("sd_diff", float("nan"))
+            need = pairs_needed(TARGET, sd)
+            pcells.append(f"{sd:.4f}, {detectable_gap(sd, t['n']):.4f}, {need if need else '–'}" if sd > 0 else "–")
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        power.append(f"| {m} | " + " | ".join(pcells) + " |")
+    return "\n".join(lines + power)
 
 
 def plot_curves(sc: dict, columns, path: Path, title: str) -> None:

@@ -457,15 +457,14 @@ def train_method(dataset: str, method: str, folds=None, seeds=None, device: str 
     condition and write ``results/<dataset>/<method>/<run-id>/``; returns that directory. On CPU,
     training uses ``threads`` torch threads (default 1, see ``cpu_threads``); ``workers`` > 1 trains
     the folds x seeds in that many worker processes of one thread each (``cluster``: one to share)."""
-    from manifests.datasets import check_dataset_folds, load_folds, load_manifest
+    from manifests.datasets import manifest_and_folds
     from pipeline.device import resolve_device
 
     cfg = load_config(method, dataset, overrides)
     prereq_overrides = prerequisite_overrides(overrides, prereq_overrides)
     dev = device if device == "auto" else resolve_device(device)  # auto: resolved when a fold has work
-    man = load_manifest(dataset, data_root=data_root, manifest=manifest)
-    proto, fold_list = load_folds(dataset, protocol or cfg.get("fold_protocol"))  # CLI, else the config's
-    check_dataset_folds(man, dataset, proto, fold_list)
+    man, proto, fold_list = manifest_and_folds(dataset, data_root, manifest,
+                                               protocol or cfg.get("fold_protocol"))  # CLI, else the config's
     stores = ensure_stores(dataset, cfg, dev, data_root, manifest)
     data = build_data(man, stores, cfg)
     meta = {"protocol": proto, "features": store_description(stores),
