@@ -60,7 +60,9 @@ class Context:
     def config(self, name: str) -> dict:
         return load_config(name, self.dataset, {**self.overrides, "eval.conditions": COLUMNS})
 
-    def data_for(self, cfg: dict):
+    def data_for(self, cfg: dict, workers: int = 1):
+        """The data module ``cfg`` trains on (built once per process); missing stores are extracted
+        first, on ``workers`` processes."""
         if self.data is not None:
             return self.data
         key = config_hash({"features": cfg["features"], "data": cfg.get("data")}, 16)
@@ -71,7 +73,7 @@ class Context:
             from train.run import store_description
 
             man = load_manifest(self.dataset, data_root=self.data_root, manifest=self.manifest)
-            stores = ensure_stores(self.dataset, cfg, self.device, self.data_root, self.manifest)
+            stores = ensure_stores(self.dataset, cfg, self.device, self.data_root, self.manifest, workers)
             _DATA[key] = build_data(man, stores, cfg)
             _DATA[key].features = store_description(stores)  # what the run records and the report shows
         return _DATA[key]
@@ -224,7 +226,7 @@ def compare(dataset: str, methods=None, *, features: dict | None = None, overrid
                   progress)
     if data is None:  # extract what is missing once, here, before any worker reads the stores
         for m in methods:
-            ctx.data_for(ctx.config(m))
+            ctx.data_for(ctx.config(m), workers if not scheduler else 1)
     jobs = plan(methods, folds_sel, seeds, dataset)
     t0 = time.perf_counter()
     log(f"compare {cid}: {len(methods)} methods x {len(folds_sel)} folds x {len(seeds)} seeds = "

@@ -407,9 +407,10 @@ def run_experiment(data: MultimodalData, folds: list, cfg: dict, *, dataset: str
 
 # ---- the dataset-level entry point -----------------------------------------------------------------
 
-def ensure_stores(dataset: str, cfg: dict, device: str, data_root=None, manifest=None) -> dict:
-    """{modality: FeatureStore} for the config's features, extracting whatever is missing. A dataset
-    made by `imer import-features` trains on its imported stores (no media, no extraction)."""
+def ensure_stores(dataset: str, cfg: dict, device: str, data_root=None, manifest=None, workers: int = 1) -> dict:
+    """{modality: FeatureStore} for the config's features, extracting whatever is missing (on
+    ``workers`` processes). A dataset made by `imer import-features` trains on its imported stores
+    (no media, no extraction)."""
     from manifests.importers import open_imported
 
     imported = open_imported(dataset)
@@ -420,7 +421,7 @@ def ensure_stores(dataset: str, cfg: dict, device: str, data_root=None, manifest
     except ImportError as e:
         raise SystemExit(f"imer train: the feature stage runner is not available ({e}); "
                          "run `imer features` first or install the full toolkit") from None
-    kw = {"device": device, "data_root": data_root}
+    kw = {"device": device, "data_root": data_root, "workers": workers}
     if manifest:
         kw["manifest"] = manifest
     return ensure_features(dataset, cfg["features"], **kw)
@@ -465,7 +466,7 @@ def train_method(dataset: str, method: str, folds=None, seeds=None, device: str 
     dev = device if device == "auto" else resolve_device(device)  # auto: resolved when a fold has work
     man, proto, fold_list = manifest_and_folds(dataset, data_root, manifest,
                                                protocol or cfg.get("fold_protocol"))  # CLI, else the config's
-    stores = ensure_stores(dataset, cfg, dev, data_root, manifest)
+    stores = ensure_stores(dataset, cfg, dev, data_root, manifest, workers=workers)
     data = build_data(man, stores, cfg)
     meta = {"protocol": proto, "features": store_description(stores),
             "manifest": str(man.path) if man.path else None, "argv": sys.argv}
