@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import time
+import zlib
 from collections import defaultdict
 from pathlib import Path
 
@@ -95,7 +96,8 @@ def evaluate(method, data: MultimodalData, idx, columns, normalizer: Normalizer 
     "avail": (N, 3)}}, rows in the order of ``idx``.
     Masks come from (utterance id, protocol, seed), so every method sees the same ones. ``predict``
     gets the masked inputs and ``phase`` only: labels and unmasked inputs are removed first. The
-    torch RNG is forked and seeded, so a stochastic method gives the same numbers every time.
+    torch RNG is forked and seeded per (seed, column, batch), so a stochastic method (IMDer's
+    sampling) gives the same numbers every time, whatever other columns are evaluated with it.
     A method with per-modality encoders (``shares_encoders``; ``share=False`` turns this off, for
     the bench) is encoded twice per batch, as given and with every modality zeroed, and each
     column's embeddings are picked from those two; its batches are sorted by length (less padding).
@@ -113,7 +115,6 @@ def evaluate(method, data: MultimodalData, idx, columns, normalizer: Normalizer 
     method.eval()
     cuda = str(device).startswith("cuda")
     with torch.no_grad(), torch.random.fork_rng(devices=[torch.device(device).index or 0] if cuda else []):
-        torch.manual_seed(int(seed))
         start = 0
         for batch in data.batches(idx[order], batch_size, normalizer):
             index, y = batch.pop("index").numpy(), batch.pop("y").numpy()
@@ -125,6 +126,7 @@ def evaluate(method, data: MultimodalData, idx, columns, normalizer: Normalizer 
                     given = method.encode_each(_without_truth(apply_availability(batch, np.ones((n, 3), bool))))
                     zeroed = method.encode_each(_without_truth(apply_availability(batch, np.zeros((n, 3), bool))))
             for c in columns:
+                torch.manual_seed(zlib.crc32(f"{int(seed)}|{c}|{start}".encode()))
                 b = apply_availability(batch, avail[c][pos])
                 b.pop("x_full")
                 b["phase"] = phase
