@@ -219,6 +219,8 @@ def compare(dataset: str, methods=None, *, features: dict | None = None, overrid
         from manifests.datasets import manifest_and_folds
 
         _, _, fold_list = manifest_and_folds(dataset, data_root, manifest)
+        if not scheduler:  # local workers share this cache: they read the manifest built just now
+            data_root = None
     folds_sel = select_folds(fold_list, folds)
     seeds = parse_seeds(seeds) or [int(s) for s in load_config(methods[0], dataset, over).get("seeds", [0])]
     cid = compare_id(dataset, methods, over, folds_sel, seeds)

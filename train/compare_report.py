@@ -45,7 +45,7 @@ def paired_test(a: dict, b: dict, column: str) -> dict:
     y = np.array([b[k][column] for k in pairs if column in a[k] and column in b[k]])
     out = {"n": int(len(x)), "mean_diff": float(np.mean(x - y)) if len(x) else float("nan")}
     if len(x) < 2 or not np.any(x != y):
-        return {**out, "statistic": float("nan"), "p": 1.0 if len(x) else float("nan")}
+        return {**out, "statistic": float("nan"), "p": 1.0 if len(x) else float("nan"), "sd_diff": float("nan")}
     res = wilcoxon(x, y)
     return {**out, "statistic": float(res.statistic), "p": float(res.pvalue), "sd_diff": float(np.std(x - y, ddof=1))}
 
@@ -189,7 +189,7 @@ def _tests(sc: dict, column: str, columns) -> str:
             t = paired_test(sc[m], sc[r], column)
             verdict = "significant" if t["p"] < ALPHA else "not significant"
             cells.append(f"{t['mean_diff']:+.4f}, p = {t['p']:.3g} ({verdict}, n = {t['n']})")
-            sd = t.get("sd_diff", float("nan"))
+            sd = t["sd_diff"]
             need = pairs_needed(TARGET, sd)
             pcells.append(f"{sd:.4f}, {detectable_gap(sd, t['n']):.4f}, {need if need else '–'}" if sd > 0 else "–")
         lines.append(f"| {m} | " + " | ".join(cells) + " |")

@@ -466,7 +466,7 @@ def train_method(dataset: str, method: str, folds=None, seeds=None, device: str 
     dev = device if device == "auto" else resolve_device(device)  # auto: resolved when a fold has work
     man, proto, fold_list = manifest_and_folds(dataset, data_root, manifest,
                                                protocol or cfg.get("fold_protocol"))  # CLI, else the config's
-    stores = ensure_stores(dataset, cfg, dev, data_root, manifest, workers=workers)
+    stores = ensure_stores(dataset, cfg, dev, None, manifest, workers=workers)  # the manifest built above
     data = build_data(man, stores, cfg)
     meta = {"protocol": proto, "features": store_description(stores),
             "manifest": str(man.path) if man.path else None, "argv": sys.argv}
