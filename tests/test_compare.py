@@ -13,6 +13,7 @@ from scipy.stats import wilcoxon
 from train.compare import compare, plan
 from train.compare_report import _check_comparable, detectable_gap, paired_power, paired_test, pairs_needed
 from train.report import ReportError
+from train.results import collect
 from train.synthetic import synthetic_data, synthetic_folds
 
 TINY = {"train.schedule": {"kind": "linear_decay", "constant": 1, "decay": 1}, "train.batch_size": 16,
@@ -29,9 +30,9 @@ def cluster(dask_scheduler):
     return dask_scheduler
 
 
-def _run(data, tmp, methods, workers=1, features=None, scheduler=None):
+def _run(data, tmp, methods, workers=1, features=None, scheduler=None, seeds=(0,)):
     folds = synthetic_folds(data, 2)
-    return compare("demo", methods, overrides=TINY, features=features, seeds=[0], workers=workers,
+    return compare("demo", methods, overrides=TINY, features=features, seeds=list(seeds), workers=workers,
                    scheduler=scheduler, results_dir=tmp, data=data, fold_list=folds, progress=False,
                    log=lambda *_: None)
 
@@ -47,6 +48,7 @@ def test_plan_puts_prerequisites_first(data):
     names = [j.method for j in jobs]
     assert names.index("baseline") < names.index("mmin")
     assert {j.method for j in jobs if not j.listed} == {"baseline"} and len(jobs) == 3 * 2 * 2
+    assert [j.seed for j in jobs] == [0] * 6 + [1] * 6  # seed by seed: an interrupted sweep leaves whole seeds
 
 
 def test_two_workers_give_the_numbers_of_one_and_resume_reuses(data, tmp_path, cluster):
@@ -73,6 +75,19 @@ def test_two_workers_give_the_numbers_of_one_and_resume_reuses(data, tmp_path, c
     _run(data, tmp_path / "w1", methods, scheduler=cluster)
     assert all(p.stat().st_mtime_ns == t for p, t in kept.items())  # finished jobs untouched
     assert (lost / "best.pt").is_file() and _results(tmp_path / "w1", "mmin") == _results(tmp_path / "w2", "mmin")
+
+
+def test_more_seeds_reuse_the_first_and_each_comparison_reads_its_own(data, tmp_path, cluster):
+    _run(data, tmp_path, ["baseline"], scheduler=cluster)
+    kept = {p: p.stat().st_mtime_ns for p in tmp_path.glob("demo/baseline/compare-*/folds/*/seed0/best.pt")}
+    out = _run(data, tmp_path, ["baseline"], scheduler=cluster, seeds=(0, 1))
+    assert len(kept) == 2 and all(p.stat().st_mtime_ns == t for p, t in kept.items())  # seed 0 not retrained
+    assert json.loads((out / "compare.json").read_text())["reused_jobs"] == 2
+    run_dir = next(tmp_path.glob("demo/baseline/compare-*"))
+    assert len(collect(run_dir)) == 4 and "over 4 fold × seed" in (run_dir / "table.md").read_text()
+    again = _run(data, tmp_path, ["baseline"], scheduler=cluster)  # seed 0 alone: seed 1's runs are left out
+    assert {r["seed"] for r in collect(run_dir)} == {0} and "over 2 fold × seed" in (run_dir / "table.md").read_text()
+    assert again != out
 
 
 def test_a_feature_set_reaches_the_prerequisites(data, tmp_path, cluster):

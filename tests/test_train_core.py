@@ -380,6 +380,20 @@ def test_collate_pads_and_marks_absent_modalities():
     assert b["ids"] == ["u0", "u1"]
 
 
+def test_fixed_lengths_pad_to_the_cap_or_to_the_corpus_longest():
+    seqs = {"a": [np.ones((3, 2)), np.ones((9, 2))], "v": [np.ones((2, 3)), np.ones((4, 3))],
+            "t": [np.ones((1, 4)), None]}
+    d = MultimodalData.from_arrays(["u0", "u1"], [0, 1], seqs, labels=["x", "y"],
+                                   max_len={"a": 6, "v": 10, "t": 5}, fixed_len=True)
+    for rows in ([0], [1], [0, 1]):  # one layout whatever the batch holds
+        b = d.collate(rows)
+        # a: cut at the cap 6; v and t: every sample is shorter than the cap, so the corpus's longest
+        assert [b["x"][m].shape[1] for m in "avt"] == [6, 4, 1]
+    assert d.padding_fraction([np.array([0])])["v"] == 0.5
+    d.fixed_len = False
+    assert d.collate([0])["x"]["a"].shape[1] == 3
+
+
 def test_invalid_frames_are_dropped_or_zeroed():
     seq = np.arange(8, dtype=np.float32).reshape(4, 2) + 1
     mask = np.array([True, False, True, False])

@@ -51,6 +51,7 @@ class Context:
     overrides: dict
     results_dir: str
     compare_id: str
+    runs_id: str = ""  # the method run folders' id: the same for every seed set, so more seeds reuse the first
     device: str = "cpu"
     data: object = None  # MultimodalData, else built from the dataset's manifest and stores
     data_root: str | None = None
@@ -59,6 +60,11 @@ class Context:
 
     def config(self, name: str) -> dict:
         return load_config(name, self.dataset, {**self.overrides, "eval.conditions": COLUMNS})
+
+    def run_dir(self, method: str) -> Path:
+        from train.run import results_root, safe_name
+
+        return results_root(self.results_dir) / safe_name(self.dataset) / safe_name(method) / f"compare-{self.runs_id}"
 
     def data_for(self, cfg: dict, workers: int = 1):
         """The data module ``cfg`` trains on (built once per process); missing stores are extracted
@@ -83,22 +89,21 @@ _DATA: dict = {}  # per worker process: data modules already built
 
 
 def plan(methods: list[str], folds: list, seeds: list[int], dataset: str) -> list[Job]:
-    """Jobs in dependency order: every prerequisite before its dependants."""
-    out: list[Job] = []
-    seen: set[str] = set()
+    """Jobs in dependency order (every prerequisite before its dependants), seed by seed: dask runs
+    them first in, first out, so an interrupted many-seed comparison leaves whole seeds done."""
+    order: list[tuple[str, bool]] = []
 
     def visit(name: str, listed: bool, stack=()):
         if name in stack:
             raise ValueError(f"train/configs/{name}.yaml: 'requires' loops through {' -> '.join(stack + (name,))}")
         for req in (load_config(name, dataset).get("requires") or {}).values():
             visit(req, req in methods, stack + (name,))
-        if name not in seen:
-            seen.add(name)
-            out.extend(Job(name, f.name, s, listed) for f in folds for s in seeds)
+        if name not in (n for n, _ in order):
+            order.append((name, listed))
 
     for m in methods:
         visit(m, True)
-    return out
+    return [Job(name, f.name, s, listed) for s in seeds for name, listed in order for f in folds]
 
 
 def run_job(job: Job, ctx: Context, *_deps) -> dict:
@@ -109,7 +114,7 @@ def run_job(job: Job, ctx: Context, *_deps) -> dict:
     cfg = ctx.config(job.method)
     data = ctx.data_for(cfg)
     fold = next(f for f in ctx.folds if f.name == job.fold)
-    run_dir = results_root(ctx.results_dir) / safe_name(ctx.dataset) / safe_name(job.method) / f"compare-{ctx.compare_id}"
+    run_dir = ctx.run_dir(job.method)
     exp = Experiment(data, ctx.folds, cfg, run_dir, dataset=ctx.dataset, device=ctx.device,
                      root=results_root(ctx.results_dir), prereq_overrides={"*": ctx.overrides},
                      progress=False, log=lambda *_: None)
@@ -125,6 +130,12 @@ def compare_id(dataset: str, methods: list[str], overrides: dict, folds: list, s
     """Same comparison, same id: a rerun resumes into the same folders."""
     return config_hash({"dataset": dataset, "methods": sorted(methods), "overrides": overrides,
                         "folds": [f.name for f in folds], "seeds": seeds, "columns": COLUMNS}, 10)
+
+
+def runs_id(dataset: str, overrides: dict) -> str:
+    """The id of the method run folders: what a fold x seed job computes depends on the dataset,
+    the overrides (features) and the columns, not on the other methods, folds or seeds compared."""
+    return config_hash({"dataset": dataset, "overrides": overrides, "columns": COLUMNS}, 10)
 
 
 def sweep(jobs: list[Job], ctx: Context, workers: int = 1, scheduler: str | None = None, log=print) -> dict:
@@ -170,7 +181,7 @@ def finish_runs(ctx: Context, methods: list[str], seeds: list[int], meta: dict) 
     out = {}
     for m in methods:
         cfg = ctx.config(m)
-        run_dir = results_root(ctx.results_dir) / safe_name(ctx.dataset) / safe_name(m) / f"compare-{ctx.compare_id}"
+        run_dir = ctx.run_dir(m)
         if not any(run_dir.glob("folds/*/seed*/result.json")):
             continue
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -181,8 +192,8 @@ def finish_runs(ctx: Context, methods: list[str], seeds: list[int], meta: dict) 
                   "dims": data.spec.dims, "data_signature": data.signature, "columns": eval_columns(cfg),
                   "features": getattr(data, "features", meta.get("features_override")),
                   "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        atomic_write_json(run_dir / "run.json", m_meta, default=str)  # first: it says which seeds count
         write_run_outputs(run_dir, cfg, m_meta)
-        atomic_write_json(run_dir / "run.json", m_meta, default=str)
         out[m] = run_dir
     return out
 
@@ -224,8 +235,8 @@ def compare(dataset: str, methods=None, *, features: dict | None = None, overrid
     folds_sel = select_folds(fold_list, folds)
     seeds = parse_seeds(seeds) or [int(s) for s in load_config(methods[0], dataset, over).get("seeds", [0])]
     cid = compare_id(dataset, methods, over, folds_sel, seeds)
-    ctx = Context(dataset, folds_sel, over, str(results_root(results_dir)), cid, device, data, data_root, manifest,
-                  progress)
+    ctx = Context(dataset, folds_sel, over, str(results_root(results_dir)), cid, runs_id(dataset, over), device, data,
+                  data_root, manifest, progress)
     if data is None:  # extract what is missing once, here, before any worker reads the stores
         for m in methods:
             ctx.data_for(ctx.config(m), workers if not scheduler else 1)

@@ -16,7 +16,7 @@ from scipy.stats import nct, rankdata, t as student_t, wilcoxon
 from train import protocols
 from train.metrics import NAMES
 from train.report import ReportError, comparability, differences
-from train.results import collect
+from train.results import collect, finished
 
 REFERENCES = ("baseline-aug", "mmin")
 ALPHA = 0.05
@@ -237,7 +237,7 @@ def plot_confusions(runs: dict[str, Path], labels, path: Path, task: str) -> Non
     for j, (m, d) in enumerate(runs.items()):
         for i, (name, conds) in enumerate((("full", ["avt"]), ("missing", list(protocols.MISSING_CONDITIONS)))):
             ys, ps = [], []
-            for f in sorted(d.glob("folds/*/seed*/predictions.npz")):
+            for f in [fd / "predictions.npz" for fd, _ in finished(d) if (fd / "predictions.npz").is_file()]:
                 z = np.load(f)
                 for c in conds:
                     if f"{c}_y" in z:

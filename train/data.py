@@ -303,7 +303,7 @@ class MultimodalData:
                 "index": torch.from_numpy(idx), "ids": [self.ids[i] for i in idx]}
 
     def _padded(self, s: Sequences, idx, ln, cap):
-        T = cap if (cap and self.fixed_len) else int(np.maximum(ln, 1).max()) if len(idx) else 1
+        T = self.fixed_length(s, cap) or (int(np.maximum(ln, 1).max()) if len(idx) else 1)
         t = np.arange(T)
         valid = t[None, :] < ln[:, None]
         if s.in_memory and len(s.data):
@@ -314,6 +314,14 @@ class MultimodalData:
             if ln[b]:
                 arr[b, : ln[b]] = s.seq(i)[: ln[b]]
         return arr, valid
+
+    def fixed_length(self, s: Sequences, cap: int | None) -> int | None:
+        """With ``fixed_len``, the frames every sample is padded to: ``max_len``, or the corpus's
+        longest sequence where all are shorter (padding past every sample's end adds no
+        information, only attention cost: the demo's 27 ComParE frames would fill 150)."""
+        if not (cap and self.fixed_len):
+            return None
+        return int(min(cap, max(1, int(s.lengths.max()) if len(s.lengths) else 1)))
 
     def _resampled(self, s: Sequences, idx, ln):
         """Every present sequence linearly interpolated to ``resample_to`` frames."""
@@ -382,7 +390,7 @@ class MultimodalData:
             real = total = 0
             for r in rows:
                 ln = self.frames(r, m)
-                T = self.max_len[m] if (self.fixed_len and self.max_len.get(m)) else int(ln.max())
+                T = self.fixed_length(self.seqs[m], self.max_len.get(m)) or int(ln.max())
                 real, total = real + int(ln.sum()), total + T * len(r)
             out[m] = 1 - real / total if total else 0.0
             dim = (dims or {}).get(m, self.seqs[m].dim)

@@ -15,11 +15,27 @@ from train.metrics import NAMES, table_metrics
 AVERAGE = protocols.AVERAGE[protocols.FIXED]  # mean over the six missing conditions, per fold x seed first
 
 
+def finished(run_dir: Path) -> list[tuple[Path, dict]]:
+    """(folder, result) of every finished fold x seed of a run (``folds/<fold>/seed<s>/``) that the
+    run's ``run.json`` lists: comparisons of different seed sets share a run folder, so one with
+    seeds 0-9 reuses the fold x seed runs of one with seed 0, and each reads only its own."""
+    run_dir = Path(run_dir)
+    meta = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").is_file() else {}
+    folds = {str(f) for f in meta.get("folds") or []}
+    seeds = {int(s) for s in meta.get("seeds") or []}
+    out = []
+    for p in sorted(run_dir.glob("folds/*/seed*/result.json")):
+        r = json.loads(p.read_text())
+        if (not folds or str(r["fold"]) in folds) and (not seeds or int(r["seed"]) in seeds):
+            out.append((p.parent, r))
+    return out
+
+
 def collect(run_dir: Path, columns=None) -> list[dict]:
-    """Every finished fold x seed result of a run (``folds/<fold>/seed<s>/result.json``); with
-    ``columns``, each result's test metrics are cut to those columns (a reused model may carry
-    columns another run evaluated)."""
-    out = [json.loads(p.read_text()) for p in sorted(Path(run_dir).glob("folds/*/seed*/result.json"))]
+    """Every finished fold x seed result a run lists (see ``finished``); with ``columns``, each
+    result's test metrics are cut to those columns (a reused model may carry columns another run
+    evaluated)."""
+    out = [r for _, r in finished(run_dir)]
     if columns is not None:
         keep = set(columns)
         for r in out:
