@@ -85,8 +85,10 @@ def test_more_seeds_reuse_the_first_and_each_comparison_reads_its_own(data, tmp_
     assert json.loads((out / "compare.json").read_text())["reused_jobs"] == 2
     run_dir = next(tmp_path.glob("demo/baseline/compare-*"))
     assert len(collect(run_dir)) == 4 and "over 4 fold × seed" in (run_dir / "table.md").read_text()
+    drawn = (run_dir / "curves.png").stat().st_mtime_ns
     again = _run(data, tmp_path, ["baseline"], scheduler=cluster)  # seed 0 alone: seed 1's runs are left out
     assert {r["seed"] for r in collect(run_dir)} == {0} and "over 2 fold × seed" in (run_dir / "table.md").read_text()
+    assert (run_dir / "curves.png").stat().st_mtime_ns != drawn  # its figures redrawn for seed 0 alone
     assert again != out
 
 

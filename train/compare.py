@@ -51,7 +51,7 @@ class Context:
     overrides: dict
     results_dir: str
     compare_id: str
-    runs_id: str = ""  # the method run folders' id: the same for every seed set, so more seeds reuse the first
+    runs_id: str  # the method run folders' id: the same for every seed set, so more seeds reuse the first
     device: str = "cpu"
     data: object = None  # MultimodalData, else built from the dataset's manifest and stores
     data_root: str | None = None

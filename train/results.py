@@ -153,12 +153,14 @@ def write_run_outputs(run_dir: Path, cfg: dict, meta: dict) -> str:
         doc += [note, ""]
     doc += [table, ""]
     (run_dir / "table.md").write_text("\n".join(doc))
-    # the figures are redrawn only when a fold's result is newer (matplotlib costs a second to load)
-    newest = max((p.stat().st_mtime for p in run_dir.glob("folds/*/seed*/result.json")), default=float("inf"))
-    figs = (run_dir / "curves.png", run_dir / "conditions.png")
-    if any(not f.is_file() or f.stat().st_mtime < newest for f in figs):
+    # the figures are redrawn only when the results they show change (matplotlib costs a second to
+    # load): a new or rewritten result, or another set of listed seeds in a shared compare folder
+    drawn = "\n".join(f"{d.relative_to(run_dir)} {(d / 'result.json').stat().st_mtime_ns}" for d, _ in finished(run_dir))
+    figs, marker = (run_dir / "curves.png", run_dir / "conditions.png"), run_dir / ".figures-drawn"
+    if any(not f.is_file() for f in figs) or not marker.is_file() or marker.read_text() != drawn:
         plot_curves(results, figs[0], cfg["name"])
         plot_conditions({cfg["name"]: summ}, task, figs[1], f"{cfg['name']} on {meta.get('dataset')}")
+        marker.write_text(drawn)
     return table
 
 
