@@ -9,8 +9,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import threading
 from pathlib import Path
+
+
+def safe_name(name: str) -> str:
+    """A file-system-safe form of a dataset, method or fold name."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", str(name))
 
 
 def _tmp(path: Path) -> Path:

@@ -12,6 +12,7 @@ from scipy.stats import wilcoxon
 
 from train.compare import compare, plan
 from train.compare_report import _check_comparable, detectable_gap, paired_power, paired_test, pairs_needed
+from train.predict import checkpoints
 from train.report import ReportError
 from train.results import collect
 from train.synthetic import synthetic_data, synthetic_folds
@@ -89,6 +90,7 @@ def test_more_seeds_reuse_the_first_and_each_comparison_reads_its_own(data, tmp_
     again = _run(data, tmp_path, ["baseline"], scheduler=cluster)  # seed 0 alone: seed 1's runs are left out
     assert {r["seed"] for r in collect(run_dir)} == {0} and "over 2 fold × seed" in (run_dir / "table.md").read_text()
     assert (run_dir / "curves.png").stat().st_mtime_ns != drawn  # its figures redrawn for seed 0 alone
+    assert len(checkpoints(run_dir)) == 2 and {p.parent.name for p in checkpoints(run_dir)} == {"seed0"}  # predict too
     assert again != out
 
 

@@ -88,3 +88,18 @@ def test_resolve_run_skips_a_damaged_run_json(tmp_path):
     (tmp_path / "20260105-d").mkdir()
     (tmp_path / "20260105-d" / "run.json").write_text('{"status": "compl')
     assert resolve_run(tmp_path) == tmp_path / "20260101-a"
+
+
+def test_a_run_reads_only_the_folds_and_seeds_it_lists(tmp_path):
+    from train.predict import checkpoints
+    from train.results import listed
+
+    (tmp_path / "run.json").write_text(json.dumps({"folds": ["Ses 01", "2"], "seeds": [0]}))
+    for fold in ("Ses_01", "2", "3"):
+        for seed in (0, 1):
+            (tmp_path / "folds" / fold / f"seed{seed}").mkdir(parents=True)
+            (tmp_path / "folds" / fold / f"seed{seed}" / "best.pt").touch()
+    assert listed(tmp_path, tmp_path / "folds" / "Ses_01" / "seed0")  # the folder of fold "Ses 01"
+    assert [p.parent.parent.name + "/" + p.parent.name for p in checkpoints(tmp_path)] == ["2/seed0", "Ses_01/seed0"]
+    (tmp_path / "run.json").write_text(json.dumps({}))  # a run that lists none: all of them
+    assert len(checkpoints(tmp_path)) == 6

@@ -2,8 +2,8 @@
 
 Features are extracted on the fly with the run's extractor configs (the same stage runner as
 ``imer features``, into a throw-away store); the modalities not given are missing, exactly as in
-the missing-modality test conditions. The class probabilities are averaged over the run's
-fold x seed models (or taken from one fold with ``fold=``).
+the missing-modality test conditions. The class probabilities are averaged over the fold x
+seed models the run's ``run.json`` lists (or taken from one fold with ``fold=``).
 """
 
 from __future__ import annotations
@@ -41,7 +41,9 @@ def resolve_run(run: str | Path, results_dir=None) -> Path:
 
 
 def checkpoints(run_dir: Path, fold: str | None = None) -> list[Path]:
-    pts = sorted(Path(run_dir).glob("folds/*/seed*/best.pt"))
+    from train.results import listed
+
+    pts = [p for p in sorted(Path(run_dir).glob("folds/*/seed*/best.pt")) if listed(run_dir, p.parent)]
     if fold is not None:
         pts = [p for p in pts if p.parent.parent.name == str(fold)]
     if not pts:

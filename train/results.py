@@ -9,26 +9,30 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.fsutil import safe_name
 from train import protocols
 from train.metrics import NAMES, table_metrics
 
 AVERAGE = protocols.AVERAGE[protocols.FIXED]  # mean over the six missing conditions, per fold x seed first
 
 
+def listed(run_dir: Path, fold_dir: Path) -> bool:
+    """Whether ``folds/<fold>/seed<s>/`` is one of the folds and seeds the run's ``run.json`` lists
+    (all, where it lists none): comparisons of different seed sets share a run folder, so one with
+    seeds 0-9 reuses the fold x seed runs of one with seed 0, and each reads only its own."""
+    path = Path(run_dir) / "run.json"
+    meta = json.loads(path.read_text()) if path.is_file() else {}
+    folds = {safe_name(f) for f in meta.get("folds") or []}
+    seeds = {f"seed{int(s)}" for s in meta.get("seeds") or []}
+    fold_dir = Path(fold_dir)
+    return (not folds or fold_dir.parent.name in folds) and (not seeds or fold_dir.name in seeds)
+
+
 def finished(run_dir: Path) -> list[tuple[Path, dict]]:
     """(folder, result) of every finished fold x seed of a run (``folds/<fold>/seed<s>/``) that the
-    run's ``run.json`` lists: comparisons of different seed sets share a run folder, so one with
-    seeds 0-9 reuses the fold x seed runs of one with seed 0, and each reads only its own."""
-    run_dir = Path(run_dir)
-    meta = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").is_file() else {}
-    folds = {str(f) for f in meta.get("folds") or []}
-    seeds = {int(s) for s in meta.get("seeds") or []}
-    out = []
-    for p in sorted(run_dir.glob("folds/*/seed*/result.json")):
-        r = json.loads(p.read_text())
-        if (not folds or str(r["fold"]) in folds) and (not seeds or int(r["seed"]) in seeds):
-            out.append((p.parent, r))
-    return out
+    run's ``run.json`` lists (see ``listed``)."""
+    return [(p.parent, json.loads(p.read_text())) for p in sorted(Path(run_dir).glob("folds/*/seed*/result.json"))
+            if listed(run_dir, p.parent)]
 
 
 def collect(run_dir: Path, columns=None) -> list[dict]:

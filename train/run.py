@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import sys
 import time
@@ -32,7 +31,7 @@ import yaml
 
 from pipeline.cache import config_hash
 from pipeline.device import torch_threads
-from pipeline.fsutil import atomic_write_json, atomic_write_text
+from pipeline.fsutil import atomic_write_json, atomic_write_text, safe_name  # noqa: F401  (re-exported)
 from train import metrics, protocols
 from train.config import ConfigError, load_config
 from train.data import MultimodalData, Normalizer
@@ -42,11 +41,6 @@ from train.results import write_run_outputs
 def results_root(root: str | Path | None = None) -> Path:
     """``root``, else ``$IMER_RESULTS``, else ``./results``."""
     return Path(root or os.environ.get("IMER_RESULTS") or "results").expanduser()
-
-
-def safe_name(name: str) -> str:
-    """A file-system-safe form of a dataset, method or fold name."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", str(name))
 
 
 def _ids_hash(ids) -> str:
