@@ -23,7 +23,7 @@ STAMP := $(VENV)/.imer-setup
 
 FEATURES ?=
 METHODS ?=
-WORKERS ?= 1
+WORKERS ?=
 
 .PHONY: setup demo features train report compare test bench clean distclean
 
@@ -49,13 +49,13 @@ features: setup
 train: setup
 	$(IMER) train --dataset $(DATASET) --method $(METHOD) --device $(DEVICE) \
 	  $(if $(DATA_ROOT),--data-root $(DATA_ROOT)) $(if $(FOLDS),--folds $(FOLDS)) $(if $(SEEDS),--seeds $(SEEDS)) \
-	  --workers $(WORKERS)
+	  $(if $(WORKERS),--workers $(WORKERS))
 
 report: setup
 	$(IMER) report --dataset $(DATASET)
 
 compare: setup
-	$(IMER) compare --dataset $(DATASET) --workers $(WORKERS) \
+	$(IMER) compare --dataset $(DATASET) $(if $(WORKERS),--workers $(WORKERS)) \
 	  $(if $(FEATURES),--features $(FEATURES)) $(if $(METHODS),--methods $(METHODS)) \
 	  $(if $(DATA_ROOT),--data-root $(DATA_ROOT)) $(if $(FOLDS),--folds $(FOLDS)) $(if $(SEEDS),--seeds $(SEEDS))
 

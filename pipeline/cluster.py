@@ -6,6 +6,13 @@ sweep (``train.compare``) all take their workers from here."""
 from __future__ import annotations
 
 import logging
+import os
+
+
+def default_workers(device: str = "cpu") -> int:
+    """Worker processes when none are asked for: one per CPU core, at most 4 (these small models
+    gain little from more), or 1 on CUDA (the jobs share one GPU)."""
+    return 1 if str(device).startswith("cuda") else max(1, min(4, os.cpu_count() or 1))
 
 
 class Cluster:

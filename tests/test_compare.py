@@ -12,6 +12,7 @@ from scipy.stats import wilcoxon
 
 from train.compare import compare, plan
 from train.compare_report import _check_comparable, detectable_gap, paired_power, paired_test, pairs_needed
+from train.config import load_config
 from train.predict import checkpoints
 from train.report import ReportError
 from train.results import collect
@@ -155,3 +156,11 @@ def test_compare_on_a_fresh_cache_builds_the_manifest_first(tiny_demo, tmp_path,
     info = json.loads((out / "compare.json").read_text())
     assert info["failed"] == {} and info["folds"] and (out / "report.md").is_file()
     assert (tmp_path / "fresh-cache" / "manifests" / "demo" / "manifest.jsonl").is_file()
+
+
+def test_the_demo_compares_ten_seeds_unless_told():
+    from train.compare import default_seeds
+
+    assert default_seeds("demo", "mmin", {}) == list(range(10))  # train/compare.yaml: what a 2-point gap needs
+    assert default_seeds("iemocap", "mmin", {}) == [int(s) for s in load_config("mmin", "iemocap").get("seeds", [0])]
+    assert load_config("mmin", "demo")["seeds"] == [0]  # make demo keeps the configs' one seed

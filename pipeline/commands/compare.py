@@ -22,8 +22,10 @@ def add_arguments(p) -> None:
     p.add_argument("--features", help="named feature set of train/feature_sets.yaml, applied to every method "
                                       "and its prerequisites (default: each config's features for the dataset)")
     p.add_argument("--folds", help="fold names or 1-based positions (default: all)")
-    p.add_argument("--seeds", help="seeds, comma-separated (default: the first method's config)")
-    p.add_argument("--workers", type=int, default=1, help="LocalCluster worker processes (default 1)")
+    p.add_argument("--seeds", help="seeds, comma-separated (default: train/compare.yaml's for the dataset, "
+                                   "e.g. 0-9 on the demo, else the first method's config)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="LocalCluster worker processes (default: the CPU cores, at most 4; 1 with --device cuda)")
     p.add_argument("--scheduler", help="address of a running dask scheduler instead of a LocalCluster")
     p.add_argument("--device", default="cpu", help="cpu | cuda (default cpu: one job per worker)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -35,6 +37,7 @@ def add_arguments(p) -> None:
 
 
 def main(args) -> int:
+    from pipeline.cluster import default_workers
     from train.compare import compare
     from train.config import ConfigError, parse_override
     from train.data import DataError
@@ -50,7 +53,7 @@ def main(args) -> int:
             features = feature_set(args.features)
         methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
         out = compare(args.dataset, methods, features=features, overrides=overrides, folds=args.folds,
-                      seeds=args.seeds, workers=args.workers, scheduler=args.scheduler, device=args.device,
+                      seeds=args.seeds, workers=args.workers or default_workers(args.device), scheduler=args.scheduler, device=args.device,
                       results_dir=args.results, data_root=args.data_root, manifest=args.manifest,
                       progress=not args.no_progress, meta={"argv": sys.argv, "feature_set": args.features})
     except (ConfigError, DataError, ProtocolError, ReportError, ValueError, FileNotFoundError) as e:

@@ -27,10 +27,8 @@ def add_arguments(p) -> None:
 
 
 def main(args) -> int:
-    import os
-
     from manifests.datasets import load_manifest
-    from pipeline.cluster import Cluster
+    from pipeline.cluster import Cluster, default_workers
     from pipeline.device import resolve_device
     from pipeline.runner import ensure_features
     from train.config import list_configs, load_config
@@ -46,7 +44,7 @@ def main(args) -> int:
         return 2
 
     device = resolve_device(args.device)
-    workers = args.workers or (1 if device.startswith("cuda") else max(1, min(4, os.cpu_count() or 1)))
+    workers = args.workers or default_workers(device)
     print("== 1/4 demo corpus (generated once, then cached)", flush=True)
     manifest = load_manifest("demo")
     print(f"   {len(manifest)} utterances, manifest {manifest.path}", flush=True)
