@@ -99,7 +99,7 @@ def test_a_run_reads_only_the_folds_and_seeds_it_lists(tmp_path):
         for seed in (0, 1):
             (tmp_path / "folds" / fold / f"seed{seed}").mkdir(parents=True)
             (tmp_path / "folds" / fold / f"seed{seed}" / "best.pt").touch()
-    assert listed(tmp_path, tmp_path / "folds" / "Ses_01" / "seed0")  # the folder of fold "Ses 01"
+    assert tmp_path / "folds" / "Ses_01" / "seed0" in listed(tmp_path, "best.pt")  # the folder of fold "Ses 01"
     assert [p.parent.parent.name + "/" + p.parent.name for p in checkpoints(tmp_path)] == ["2/seed0", "Ses_01/seed0"]
     (tmp_path / "run.json").write_text(json.dumps({}))  # a run that lists none: all of them
     assert len(checkpoints(tmp_path)) == 6

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.cache import config_hash
-from pipeline.fsutil import atomic_write_json
+from pipeline.fsutil import atomic_write_json, safe_name
 from train import protocols
 from train.config import list_configs, load_config
 
@@ -62,7 +62,7 @@ class Context:
         return load_config(name, self.dataset, {**self.overrides, "eval.conditions": COLUMNS})
 
     def run_dir(self, method: str) -> Path:
-        from train.run import results_root, safe_name
+        from train.run import results_root
 
         return results_root(self.results_dir) / safe_name(self.dataset) / safe_name(method) / f"compare-{self.runs_id}"
 
@@ -109,7 +109,7 @@ def plan(methods: list[str], folds: list, seeds: list[int], dataset: str) -> lis
 def run_job(job: Job, ctx: Context, *_deps) -> dict:
     """One fold x seed of one method, in a worker (``_deps``: finished prerequisite jobs)."""
     from pipeline.device import torch_threads
-    from train.run import Experiment, results_root, safe_name
+    from train.run import Experiment, results_root
 
     cfg = ctx.config(job.method)
     data = ctx.data_for(cfg)
@@ -186,7 +186,7 @@ def _requires(job: Job, jobs: list[Job], dataset: str) -> list[Job]:
 def finish_runs(ctx: Context, methods: list[str], seeds: list[int], meta: dict) -> dict[str, Path]:
     """Write run.json and the run outputs of every compared method's run folder; {method: run dir}."""
     from train.results import write_run_outputs
-    from train.run import eval_columns, results_root, safe_name
+    from train.run import eval_columns, results_root
 
     out = {}
     for m in methods:

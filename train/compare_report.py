@@ -13,6 +13,7 @@ import numpy as np
 from scipy.optimize import brentq
 from scipy.stats import nct, rankdata, t as student_t, wilcoxon
 
+from pipeline.fsutil import safe_name
 from train import protocols
 from train.metrics import NAMES
 from train.report import ReportError, comparability, differences
@@ -282,7 +283,6 @@ def plot_tsne(runs: dict[str, Path], data_for, info: dict, path: Path, device: s
     from sklearn.manifold import TSNE
 
     from pipeline.device import torch_threads
-    from train.run import safe_name
     from train.trainer import load_checkpoint
 
     fold, seed = info["folds"][0], int(info["seeds"][0])

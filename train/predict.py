@@ -43,7 +43,7 @@ def resolve_run(run: str | Path, results_dir=None) -> Path:
 def checkpoints(run_dir: Path, fold: str | None = None) -> list[Path]:
     from train.results import listed
 
-    pts = [p for p in sorted(Path(run_dir).glob("folds/*/seed*/best.pt")) if listed(run_dir, p.parent)]
+    pts = [d / "best.pt" for d in listed(run_dir, "best.pt")]
     if fold is not None:
         pts = [p for p in pts if p.parent.parent.name == str(fold)]
     if not pts:

@@ -13,10 +13,11 @@ from pathlib import Path
 
 import yaml
 
+from pipeline.fsutil import safe_name
 from train.config import report_order
 from train.metrics import NAMES
 from train.results import collect, markdown_table, plot_conditions, summarize
-from train.run import eval_columns, newest_complete, read_runs, results_root, safe_name
+from train.run import eval_columns, newest_complete, read_runs, results_root
 
 
 class ReportError(ValueError):

@@ -16,23 +16,22 @@ from train.metrics import NAMES, table_metrics
 AVERAGE = protocols.AVERAGE[protocols.FIXED]  # mean over the six missing conditions, per fold x seed first
 
 
-def listed(run_dir: Path, fold_dir: Path) -> bool:
-    """Whether ``folds/<fold>/seed<s>/`` is one of the folds and seeds the run's ``run.json`` lists
-    (all, where it lists none): comparisons of different seed sets share a run folder, so one with
-    seeds 0-9 reuses the fold x seed runs of one with seed 0, and each reads only its own."""
-    path = Path(run_dir) / "run.json"
-    meta = json.loads(path.read_text()) if path.is_file() else {}
+def listed(run_dir: Path, name: str) -> list[Path]:
+    """The ``folds/<fold>/seed<s>/`` folders holding ``name`` among the folds and seeds the run's
+    ``run.json`` lists (all, where it lists none): comparisons of different seed sets share a run
+    folder, so one with seeds 0-9 reuses the fold x seed runs of one with seed 0, and each reads only
+    its own."""
+    run_dir = Path(run_dir)
+    meta = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").is_file() else {}
     folds = {safe_name(f) for f in meta.get("folds") or []}
     seeds = {f"seed{int(s)}" for s in meta.get("seeds") or []}
-    fold_dir = Path(fold_dir)
-    return (not folds or fold_dir.parent.name in folds) and (not seeds or fold_dir.name in seeds)
+    return [p.parent for p in sorted(run_dir.glob(f"folds/*/seed*/{name}"))
+            if (not folds or p.parent.parent.name in folds) and (not seeds or p.parent.name in seeds)]
 
 
 def finished(run_dir: Path) -> list[tuple[Path, dict]]:
-    """(folder, result) of every finished fold x seed of a run (``folds/<fold>/seed<s>/``) that the
-    run's ``run.json`` lists (see ``listed``)."""
-    return [(p.parent, json.loads(p.read_text())) for p in sorted(Path(run_dir).glob("folds/*/seed*/result.json"))
-            if listed(run_dir, p.parent)]
+    """(folder, result) of every finished fold x seed the run lists (see ``listed``)."""
+    return [(d, json.loads((d / "result.json").read_text())) for d in listed(run_dir, "result.json")]
 
 
 def collect(run_dir: Path, columns=None) -> list[dict]:
@@ -159,7 +158,8 @@ def write_run_outputs(run_dir: Path, cfg: dict, meta: dict) -> str:
     (run_dir / "table.md").write_text("\n".join(doc))
     # the figures are redrawn only when the results they show change (matplotlib costs a second to
     # load): a new or rewritten result, or another set of listed seeds in a shared compare folder
-    drawn = "\n".join(f"{d.relative_to(run_dir)} {(d / 'result.json').stat().st_mtime_ns}" for d, _ in finished(run_dir))
+    drawn = "\n".join(f"{d.relative_to(run_dir)} {(d / 'result.json').stat().st_mtime_ns}"
+                      for d in listed(run_dir, "result.json"))
     figs, marker = (run_dir / "curves.png", run_dir / "conditions.png"), run_dir / ".figures-drawn"
     if any(not f.is_file() for f in figs) or not marker.is_file() or marker.read_text() != drawn:
         plot_curves(results, figs[0], cfg["name"])

@@ -31,7 +31,7 @@ import yaml
 
 from pipeline.cache import config_hash
 from pipeline.device import torch_threads
-from pipeline.fsutil import atomic_write_json, atomic_write_text, safe_name  # noqa: F401  (re-exported)
+from pipeline.fsutil import atomic_write_json, atomic_write_text, safe_name
 from train import metrics, protocols
 from train.config import ConfigError, load_config
 from train.data import MultimodalData, Normalizer

@@ -53,7 +53,8 @@ def main(args) -> int:
             features = feature_set(args.features)
         methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
         out = compare(args.dataset, methods, features=features, overrides=overrides, folds=args.folds,
-                      seeds=args.seeds, workers=args.workers or default_workers(args.device), scheduler=args.scheduler, device=args.device,
+                      seeds=args.seeds, workers=args.workers or default_workers(args.device),
+                      scheduler=args.scheduler, device=args.device,
                       results_dir=args.results, data_root=args.data_root, manifest=args.manifest,
                       progress=not args.no_progress, meta={"argv": sys.argv, "feature_set": args.features})
     except (ConfigError, DataError, ProtocolError, ReportError, ValueError, FileNotFoundError) as e:
