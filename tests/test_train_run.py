@@ -213,6 +213,15 @@ def test_rerun_reuses_finished_folds_and_interrupted_run_resumes(runs, tmp_path)
     again = run_experiment(d, folds, _cfg("baseline"), dataset="synth", seeds=[0], results_dir=root,
                            progress=False, log=lines.append, run_id=out["baseline"].name)
     assert again == out["baseline"] and [p.stat().st_mtime_ns for p in done] == stamps  # nothing retrained
+    # the same command without a run id: the finished run is returned as it is, no copy is made
+    method_dir = out["baseline"].parent
+    before = {p: p.stat().st_mtime_ns for p in method_dir.rglob("*") if p.is_file()}
+    lines.clear()
+    same = run_experiment(d, folds, _cfg("baseline"), dataset="synth", seeds=[0], results_dir=root,
+                          progress=False, log=lines.append)
+    assert same == out["baseline"] and sorted(method_dir.iterdir()) == [out["baseline"]]
+    assert {p: p.stat().st_mtime_ns for p in method_dir.rglob("*") if p.is_file()} == before
+    assert any("already complete" in x for x in lines) and any("| baseline | UA |" in x for x in lines)
     # interrupt a fresh run during fold f2, rerun: resumes that run and ends equal to the complete one
     with pytest.raises(Interrupt):
         run_experiment(d, folds, _cfg("baseline"), dataset="synth", seeds=[0], results_dir=tmp_path,

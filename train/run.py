@@ -14,7 +14,8 @@ Layout of ``results/<dataset>/<method>/<run-id>/``::
     prereq/<config>/<fold>/seed<s>/   prerequisite models (MMIN's baseline), same layout
 
 Rerunning the same command resumes an unfinished run with the same config and data: finished
-fold x seed pairs are kept, an interrupted one continues from its last finished epoch.
+fold x seed pairs are kept, an interrupted one continues from its last finished epoch. After the
+run has finished, it returns that run (its table) and writes nothing.
 """
 
 from __future__ import annotations
@@ -353,12 +354,22 @@ def newest_complete(runs) -> Path | None:
     return max(done)[2] if done else None
 
 
-def find_run(method_dir: Path, match: dict) -> Path | None:
-    """The newest unfinished run in ``method_dir`` whose run.json agrees with ``match``."""
+def find_run(method_dir: Path, match: dict, complete: bool = False) -> Path | None:
+    """The newest unfinished (``complete``: complete) run in ``method_dir`` whose run.json agrees
+    with ``match``."""
     for d, meta in reversed(list(read_runs(method_dir))):
-        if meta.get("status") != "complete" and all(meta.get(k) == v for k, v in match.items()):
+        if (meta.get("status") == "complete") == complete and all(meta.get(k) == v for k, v in match.items()):
             return d
     return None
+
+
+def _finished_table(run_dir: Path | None, folds: list, seeds: list[int]) -> str | None:
+    """The table of a complete run whose every fold x seed result is still there, else None."""
+    if run_dir is None or not (run_dir / "table.md").is_file():
+        return None
+    if not all((run_dir / "folds" / safe_name(f.name) / f"seed{s}" / "result.json").is_file() for f in folds for s in seeds):
+        return None
+    return "\n".join(x for x in (run_dir / "table.md").read_text().splitlines() if x.startswith("|"))
 
 
 def run_experiment(data: MultimodalData, folds: list, cfg: dict, *, dataset: str, fold_select=None,
@@ -382,6 +393,13 @@ def run_experiment(data: MultimodalData, folds: list, cfg: dict, *, dataset: str
         run_dir = find_run(method_dir, match)
         if run_dir is not None:
             log(f"resuming {run_dir}")
+        else:  # the same command after it finished: nothing to do, and no copy of the run folder
+            done = find_run(method_dir, match, complete=True)
+            table = _finished_table(done, folds, seeds)
+            if table is not None:
+                log(f"{cfg['name']}: already complete in {done} (--fresh for a new run folder)")
+                log(f"\n{cfg['name']} on {dataset} — {done}\n{table}")
+                return done
     if run_dir is None:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         run_dir = method_dir / f"{stamp}-{cfg_hash[:6]}"

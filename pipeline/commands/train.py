@@ -37,8 +37,8 @@ def add_arguments(p) -> None:
                    help="override a config value, e.g. train.batch_size=64 (repeatable)")
     p.add_argument("--results", help="results root (default $IMER_RESULTS or ./results)")
     p.add_argument("--run-id", help="name of the run folder (default: timestamp + config hash)")
-    p.add_argument("--fresh", action="store_true", help="start a new run folder instead of resuming an unfinished one "
-                                                       "(finished fold x seed models are still reused)")
+    p.add_argument("--fresh", action="store_true", help="start a new run folder instead of resuming an unfinished one or "
+                                                       "returning a finished one (finished fold x seed models are still reused)")
     p.add_argument("--threads", type=int, help="torch threads when training on CPU (default 1: these small nets "
                                                "gain little from more, and lose much on a busy machine)")
     p.add_argument("--workers", type=int, default=1, help="train the folds x seeds in N worker processes of one "
