@@ -222,6 +222,7 @@ def test_rerun_reuses_finished_folds_and_interrupted_run_resumes(runs, tmp_path)
     assert same == out["baseline"] and sorted(method_dir.iterdir()) == [out["baseline"]]
     assert {p: p.stat().st_mtime_ns for p in method_dir.rglob("*") if p.is_file()} == before
     assert any("already complete" in x for x in lines) and any("| baseline | UA |" in x for x in lines)
+    assert lines[-1] in logs  # the very table the finished run printed
     # interrupt a fresh run during fold f2, rerun: resumes that run and ends equal to the complete one
     with pytest.raises(Interrupt):
         run_experiment(d, folds, _cfg("baseline"), dataset="synth", seeds=[0], results_dir=tmp_path,

@@ -36,7 +36,7 @@ from pipeline.fsutil import atomic_write_json, atomic_write_text, safe_name
 from train import metrics, protocols
 from train.config import ConfigError, load_config
 from train.data import MultimodalData, Normalizer
-from train.results import write_run_outputs
+from train.results import listed, write_run_outputs
 
 
 def results_root(root: str | Path | None = None) -> Path:
@@ -363,13 +363,13 @@ def find_run(method_dir: Path, match: dict, complete: bool = False) -> Path | No
     return None
 
 
-def _finished_table(run_dir: Path | None, folds: list, seeds: list[int]) -> str | None:
-    """The table of a complete run whose every fold x seed result is still there, else None."""
-    if run_dir is None or not (run_dir / "table.md").is_file():
+def _finished_table(run_dir: Path | None, n_pairs: int) -> str | None:
+    """The table of a complete run whose ``n_pairs`` fold x seed results are all still there, else None."""
+    if run_dir is None or not (run_dir / "table.md").is_file() or len(listed(run_dir, "result.json")) != n_pairs:
         return None
-    if not all((run_dir / "folds" / safe_name(f.name) / f"seed{s}" / "result.json").is_file() for f in folds for s in seeds):
-        return None
-    return "\n".join(x for x in (run_dir / "table.md").read_text().splitlines() if x.startswith("|"))
+    text = (run_dir / "table.md").read_text()
+    start = text.find("\n|")  # the tables close table.md (see write_run_outputs)
+    return text[start + 1:].rstrip("\n") if start >= 0 else None
 
 
 def run_experiment(data: MultimodalData, folds: list, cfg: dict, *, dataset: str, fold_select=None,
@@ -395,7 +395,7 @@ def run_experiment(data: MultimodalData, folds: list, cfg: dict, *, dataset: str
             log(f"resuming {run_dir}")
         else:  # the same command after it finished: nothing to do, and no copy of the run folder
             done = find_run(method_dir, match, complete=True)
-            table = _finished_table(done, folds, seeds)
+            table = _finished_table(done, len(folds) * len(seeds))
             if table is not None:
                 log(f"{cfg['name']}: already complete in {done} (--fresh for a new run folder)")
                 log(f"\n{cfg['name']} on {dataset} — {done}\n{table}")
