@@ -286,3 +286,23 @@ def test_report_never_mixes_runs_with_different_folds_or_features(data, tmp_path
     update_block(readme, "synth", report("synth", tmp_path, methods=["baseline"]))
     doc = readme.read_text()
     assert "old table" not in doc and "| baseline | UA |" in doc and doc.endswith("<!-- /report -->\nend\n")
+
+
+def test_report_run_id_picks_that_run_not_the_latest(data, tmp_path, capsys):
+    from pipeline.cli import main
+    from train.report import ReportError, latest_runs, report
+
+    folds = synthetic_folds(data, 2)
+    quiet = {"progress": False, "log": lambda *_: None, "dataset": "synth", "results_dir": tmp_path}
+    first = run_experiment(data, folds[:1], load_config("baseline", "demo", FAST), run_id="one", **quiet)
+    later = run_experiment(data, folds[1:], load_config("baseline", "demo", FAST), run_id="two", **quiet)
+    assert latest_runs("synth", tmp_path) == {"baseline": later}
+    assert latest_runs("synth", tmp_path, "one") == {"baseline": first}
+    text = report("synth", tmp_path, methods=["baseline"], run_id="one")
+    assert "run `one`" in text and "run `two`" not in text
+    assert "# synth: every method's run one" in (tmp_path / "synth" / "report.md").read_text()
+    with pytest.raises(ReportError, match="no complete run 'three' of baseline.*--run-id three"):
+        report("synth", tmp_path, methods=["baseline"], run_id="three")
+    assert main(["report", "--dataset", "synth", "--results", str(tmp_path), "--run", "two"]) == 0
+    assert "run `two`" in capsys.readouterr().out
+    assert main(["report", "--dataset", "synth", "--results", str(tmp_path), "--run", "three"]) == 1

@@ -24,11 +24,14 @@ class ReportError(ValueError):
     """Runs that cannot be put in one table; the message says what differs."""
 
 
-def latest_runs(dataset: str, results_dir=None) -> dict[str, Path]:
-    """{method: run directory} of the newest complete run of every method trained on ``dataset``."""
+def latest_runs(dataset: str, results_dir=None, run_id: str | None = None) -> dict[str, Path]:
+    """{method: run directory} of the newest complete run of every method trained on ``dataset``
+    (``run_id``: only runs of that id, the ``imer train --run-id`` name)."""
     root = results_root(results_dir) / safe_name(dataset)
     by_method: dict[str, list] = {}
     for d, meta in read_runs(root, "*/*/run.json"):
+        if run_id is not None and d.name != run_id:
+            continue
         by_method.setdefault(meta.get("method") or d.parent.name, []).append((d, meta))
     runs = {m: newest_complete(rs) for m, rs in by_method.items()}
     return {m: runs[m] for m in report_order([m for m, d in runs.items() if d is not None])}
@@ -74,11 +77,13 @@ def grouped(runs: dict[str, Path]) -> list[tuple[dict, dict[str, Path]]]:
     return out
 
 
-def report(dataset: str, results_dir=None, write: bool = True, methods=None) -> str:
-    """The side-by-side tables (Markdown) of every method's latest complete run on ``dataset``,
-    one per group of comparable runs; also writes report.md and report[-N].png when ``write``."""
-    runs = latest_runs(dataset, results_dir)
+def report(dataset: str, results_dir=None, write: bool = True, methods=None, run_id: str | None = None) -> str:
+    """The side-by-side tables (Markdown) of every method's latest complete run on ``dataset``
+    (of id ``run_id`` when given), one per group of comparable runs; also writes report.md and
+    report[-N].png when ``write``."""
+    runs = latest_runs(dataset, results_dir, run_id)
     root = results_root(results_dir) / safe_name(dataset)
+    which = f"run {run_id!r}" if run_id else "run"
     if methods:
         from train.config import list_configs
 
@@ -87,11 +92,12 @@ def report(dataset: str, results_dir=None, write: bool = True, methods=None) -> 
             raise ReportError(f"unknown method(s) {', '.join(unknown)}; known: {', '.join(list_configs())}")
         missing = [m for m in methods if m not in runs]
         if missing:
-            raise ReportError(f"no complete run of {', '.join(missing)} on {dataset!r} under {root}; "
-                              f"train it first: imer train --dataset {dataset} --method {missing[0]}")
+            raise ReportError(f"no complete {which} of {', '.join(missing)} on {dataset!r} under {root}; "
+                              f"train it first: imer train --dataset {dataset} --method {missing[0]}"
+                              + (f" --run-id {run_id}" if run_id else ""))
         runs = {m: runs[m] for m in methods}
     if not runs:
-        return (f"No complete training run for dataset {dataset!r} under {root}; "
+        return (f"No complete training {which} for dataset {dataset!r} under {root}; "
                 f"train one first: imer train --dataset {dataset} --method baseline")
     groups = grouped(runs)
     if methods and len(groups) > 1:
@@ -99,7 +105,7 @@ def report(dataset: str, results_dir=None, write: bool = True, methods=None) -> 
         what = "; ".join(f"{w}: {k0[w]} ({next(iter(g0))}) vs {k1[w]} ({next(iter(g1))})" for w in differences(k0, k1))
         raise ReportError(f"cannot put these runs in one table, they differ in {what}; retrain one of them "
                           "with the other's settings (imer train ... --set / --folds / --seeds)")
-    out, doc = [], [f"# {dataset}: every method's latest run", "",
+    out, doc = [], [f"# {dataset}: every method's {f'run {run_id}' if run_id else 'latest run'}", "",
                     "Test results, mean ± std over folds × seeds; each condition keeps the listed modalities; "
                     "Average = mean of the six missing-modality conditions (MR / η average: of the nonzero "
                     "rates / ratios). Only runs with the same features, folds, seeds and task share a table.", ""]
