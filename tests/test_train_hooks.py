@@ -294,15 +294,17 @@ def test_report_run_id_picks_that_run_not_the_latest(data, tmp_path, capsys):
 
     folds = synthetic_folds(data, 2)
     quiet = {"progress": False, "log": lambda *_: None, "dataset": "synth", "results_dir": tmp_path}
-    first = run_experiment(data, folds[:1], load_config("baseline", "demo", FAST), run_id="one", **quiet)
+    first = run_experiment(data, folds[:1], load_config("baseline", "demo", FAST), run_id="one x", **quiet)
+    assert first.name == "one_x"  # imer train makes the id a safe folder name; --run accepts either form
     later = run_experiment(data, folds[1:], load_config("baseline", "demo", FAST), run_id="two", **quiet)
     assert latest_runs("synth", tmp_path) == {"baseline": later}
-    assert latest_runs("synth", tmp_path, "one") == {"baseline": first}
-    text = report("synth", tmp_path, methods=["baseline"], run_id="one")
-    assert "run `one`" in text and "run `two`" not in text
-    assert "# synth: every method's run one" in (tmp_path / "synth" / "report.md").read_text()
+    assert latest_runs("synth", tmp_path, "one x") == latest_runs("synth", tmp_path, "one_x") == {"baseline": first}
+    text = report("synth", tmp_path, methods=["baseline"], run_id="one x")
+    assert "run `one_x`" in text and "run `two`" not in text
+    assert "# synth: every method's run one x" in (tmp_path / "synth" / "report.md").read_text()
     with pytest.raises(ReportError, match="no complete run 'three' of baseline.*--run-id three"):
         report("synth", tmp_path, methods=["baseline"], run_id="three")
     assert main(["report", "--dataset", "synth", "--results", str(tmp_path), "--run", "two"]) == 0
     assert "run `two`" in capsys.readouterr().out
     assert main(["report", "--dataset", "synth", "--results", str(tmp_path), "--run", "three"]) == 1
+    assert "--method baseline --run-id three" in capsys.readouterr().out

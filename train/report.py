@@ -30,7 +30,7 @@ def latest_runs(dataset: str, results_dir=None, run_id: str | None = None) -> di
     root = results_root(results_dir) / safe_name(dataset)
     by_method: dict[str, list] = {}
     for d, meta in read_runs(root, "*/*/run.json"):
-        if run_id is not None and d.name != run_id:
+        if run_id is not None and d.name != safe_name(run_id):  # the folder name imer train gave it
             continue
         by_method.setdefault(meta.get("method") or d.parent.name, []).append((d, meta))
     runs = {m: newest_complete(rs) for m, rs in by_method.items()}
@@ -98,7 +98,8 @@ def report(dataset: str, results_dir=None, write: bool = True, methods=None, run
         runs = {m: runs[m] for m in methods}
     if not runs:
         return (f"No complete training {which} for dataset {dataset!r} under {root}; "
-                f"train one first: imer train --dataset {dataset} --method baseline")
+                f"train one first: imer train --dataset {dataset} --method baseline"
+                + (f" --run-id {run_id}" if run_id else ""))
     groups = grouped(runs)
     if methods and len(groups) > 1:
         (k0, g0), (k1, g1) = groups[0], groups[1]
