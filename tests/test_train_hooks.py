@@ -304,6 +304,8 @@ def test_report_run_id_picks_that_run_not_the_latest(data, tmp_path, capsys):
     assert "# synth: every method's run one x" in (tmp_path / "synth" / "report.md").read_text()
     with pytest.raises(ReportError, match="no complete run 'three' of baseline.*--run-id three"):
         report("synth", tmp_path, methods=["baseline"], run_id="three")
+    with pytest.raises(ReportError, match="--run-id 'no such'$"):  # a command that can be pasted
+        report("synth", tmp_path, methods=["baseline"], run_id="no such")
     assert main(["report", "--dataset", "synth", "--results", str(tmp_path), "--run", "two"]) == 0
     assert "run `two`" in capsys.readouterr().out
     assert main(["report", "--dataset", "synth", "--results", str(tmp_path), "--run", "three"]) == 1

@@ -9,6 +9,7 @@ the named methods and refuses, in one line, runs that differ.
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 
 import yaml
@@ -84,6 +85,7 @@ def report(dataset: str, results_dir=None, write: bool = True, methods=None, run
     runs = latest_runs(dataset, results_dir, run_id)
     root = results_root(results_dir) / safe_name(dataset)
     which = f"run {run_id!r}" if run_id else "run"
+    again = f" --run-id {shlex.quote(run_id)}" if run_id else ""   # the train command that makes it
     if methods:
         from train.config import list_configs
 
@@ -93,13 +95,11 @@ def report(dataset: str, results_dir=None, write: bool = True, methods=None, run
         missing = [m for m in methods if m not in runs]
         if missing:
             raise ReportError(f"no complete {which} of {', '.join(missing)} on {dataset!r} under {root}; "
-                              f"train it first: imer train --dataset {dataset} --method {missing[0]}"
-                              + (f" --run-id {run_id}" if run_id else ""))
+                              f"train it first: imer train --dataset {dataset} --method {missing[0]}{again}")
         runs = {m: runs[m] for m in methods}
     if not runs:
         return (f"No complete training {which} for dataset {dataset!r} under {root}; "
-                f"train one first: imer train --dataset {dataset} --method baseline"
-                + (f" --run-id {run_id}" if run_id else ""))
+                f"train one first: imer train --dataset {dataset} --method baseline{again}")
     groups = grouped(runs)
     if methods and len(groups) > 1:
         (k0, g0), (k1, g1) = groups[0], groups[1]
