@@ -298,6 +298,7 @@ def test_report_run_id_picks_that_run_not_the_latest(data, tmp_path, capsys):
     assert first.name == "one_x"  # imer train makes the id a safe folder name; --run accepts either form
     later = run_experiment(data, folds[1:], load_config("baseline", "demo", FAST), run_id="two", **quiet)
     assert latest_runs("synth", tmp_path) == {"baseline": later}
+    assert latest_runs("synth", tmp_path, "") == {"baseline": later}  # --run "" is no id, as in report
     assert latest_runs("synth", tmp_path, "one x") == latest_runs("synth", tmp_path, "one_x") == {"baseline": first}
     text = report("synth", tmp_path, methods=["baseline"], run_id="one x")
     assert "run `one_x`" in text and "run `two`" not in text

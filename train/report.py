@@ -31,7 +31,7 @@ def latest_runs(dataset: str, results_dir=None, run_id: str | None = None) -> di
     root = results_root(results_dir) / safe_name(dataset)
     by_method: dict[str, list] = {}
     for d, meta in read_runs(root, "*/*/run.json"):
-        if run_id is not None and d.name != safe_name(run_id):  # the folder name imer train gave it
+        if run_id and d.name != safe_name(run_id):  # the folder name imer train gave it
             continue
         by_method.setdefault(meta.get("method") or d.parent.name, []).append((d, meta))
     runs = {m: newest_complete(rs) for m, rs in by_method.items()}
