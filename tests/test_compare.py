@@ -5,12 +5,14 @@ prerequisites, paired tests equal to scipy's, refusal of runs that differ, the t
 from __future__ import annotations
 
 import json
+import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 from scipy.stats import wilcoxon
 
-from train.compare import compare, plan
+from train.compare import compare, plan, sweep
 from train.compare_report import _check_comparable, detectable_gap, paired_power, paired_test, pairs_needed
 from train.config import load_config
 from train.predict import checkpoints
@@ -51,6 +53,31 @@ def test_plan_puts_prerequisites_first(data):
     assert names.index("baseline") < names.index("mmin")
     assert {j.method for j in jobs if not j.listed} == {"baseline"} and len(jobs) == 3 * 2 * 2
     assert [j.seed for j in jobs] == [0] * 6 + [1] * 6  # seed by seed: an interrupted sweep leaves whole seeds
+
+
+_STARTED: list[tuple[str, float]] = []
+
+
+def _quick_job(job, ctx, *_deps):
+    _STARTED.append((job.key, time.perf_counter()))
+    time.sleep(1.0 if job.key == "baseline/f1/s0" else 0.01)
+    return {"job": job.key}
+
+
+def test_a_sweep_runs_at_most_a_seed_ahead_so_a_stopped_one_leaves_whole_seeds(data):
+    from distributed import LocalCluster
+
+    jobs = plan(["mmin", "baseline-aug", "if-mmin", "imder"], synthetic_folds(data, 2), [0, 1, 2], "demo")
+    ctx = SimpleNamespace(dataset="demo", compare_id="1c6af12178", progress=False)
+    _STARTED.clear()
+    with LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address=":0") as c:
+        done = sweep(jobs, ctx, scheduler=c.scheduler_address, fn=_quick_job)
+    assert sorted(done) == sorted(j.key for j in jobs) and not any("error" in o for o in done.values())
+    order = [j.key for j in jobs]
+    t_slow = dict(_STARTED)["baseline/f1/s0"]
+    during = [order.index(k) for k, t in _STARTED if t_slow < t < t_slow + 0.9]  # while the first job runs
+    # 14 jobs a seed: the other thread goes at most that far ahead (given all at once: 26 here)
+    assert during and max(during) < 14
 
 
 def test_two_workers_give_the_numbers_of_one_and_resume_reuses(data, tmp_path, cluster):

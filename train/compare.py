@@ -89,8 +89,8 @@ _DATA: dict = {}  # per worker process: data modules already built
 
 
 def plan(methods: list[str], folds: list, seeds: list[int], dataset: str) -> list[Job]:
-    """Jobs in dependency order (every prerequisite before its dependants), seed by seed: dask runs
-    them first in, first out, so an interrupted many-seed comparison leaves whole seeds done."""
+    """Jobs in dependency order (every prerequisite before its dependants), seed by seed: ``sweep``
+    keeps to this order, so an interrupted many-seed comparison leaves whole seeds done."""
     order: list[tuple[str, bool]] = []
 
     def visit(name: str, listed: bool, stack=()):
@@ -148,8 +148,10 @@ def runs_id(dataset: str, overrides: dict) -> str:
     return config_hash({"dataset": dataset, "overrides": overrides, "columns": COLUMNS}, 10)
 
 
-def sweep(jobs: list[Job], ctx: Context, workers: int = 1, scheduler: str | None = None, log=print) -> dict:
-    """Run ``jobs`` on dask.distributed; {job key: outcome or error text}."""
+def sweep(jobs: list[Job], ctx: Context, workers: int = 1, scheduler: str | None = None, log=print,
+          fn=run_job) -> dict:
+    """Run ``jobs`` on dask.distributed (``fn(job, ctx, *prerequisite outcomes)`` each); {job key:
+    outcome or error text}, in order of completion."""
     from dask.distributed import as_completed
     from tqdm.auto import tqdm
 
@@ -157,21 +159,38 @@ def sweep(jobs: list[Job], ctx: Context, workers: int = 1, scheduler: str | None
 
     cluster = Cluster(workers, scheduler)
     client = cluster.get()
-    futures, outcomes = {}, {}
+    futures, outcomes, index = {}, {}, {}
+    # Jobs go to dask in plan order, none more than a seed's worth ahead of the earliest unfinished
+    # one: given all at once, dask runs them in an order of its own (dependants' chains first, queued
+    # root tasks last), and a stopped sweep would leave every seed part-done. With the bound it
+    # leaves whole seeds but for at most two.
+    per_seed = len(jobs) // max(1, len({j.seed for j in jobs}))
+    ahead = max(2 * sum(client.nthreads().values()), per_seed)
+    finished, earliest, nxt = set(), 0, 0
     try:
-        for job in jobs:
-            deps = [futures[d.key] for d in _requires(job, jobs, ctx.dataset)]
-            futures[job.key] = client.submit(run_job, job, ctx, *deps, key=f"imer-{ctx.compare_id}-{job.key}",
-                                             retries=1, pure=False)
-        bar = tqdm(total=len(futures), desc=f"compare {ctx.dataset}", disable=not ctx.progress)
-        for fut in as_completed(list(futures.values())):
-            key = next(k for k, f in futures.items() if f is fut)
+        bar = tqdm(total=len(jobs), desc=f"compare {ctx.dataset}", disable=not ctx.progress)
+        ac = as_completed()
+        while nxt < len(jobs) or not ac.is_empty():
+            while nxt < min(len(jobs), earliest + ahead):
+                job = jobs[nxt]
+                deps = [futures[d.key] for d in _requires(job, jobs, ctx.dataset)]
+                fut = client.submit(fn, job, ctx, *deps, key=f"imer-{ctx.compare_id}-{job.key}",
+                                    retries=1, pure=False, priority=len(jobs) - nxt)
+                futures[job.key], index[fut.key] = fut, nxt
+                ac.add(fut)
+                nxt += 1
+            fut = next(ac)
+            i = index[fut.key]
+            key = jobs[i].key
             try:
                 outcomes[key] = fut.result()
             except Exception as e:  # noqa: BLE001 - reported, the sweep goes on
                 outcomes[key] = {"job": key, "error": f"{type(e).__name__}: {e}"}
                 log(f"  {key} failed twice: {type(e).__name__}: {e}")
             bar.update(1)
+            finished.add(i)
+            while earliest in finished:
+                earliest += 1
         bar.close()
     finally:
         cluster.close()
