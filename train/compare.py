@@ -174,6 +174,7 @@ def sweep(jobs: list[Job], ctx: Context, workers: int = 1, scheduler: str | None
             while nxt < min(len(jobs), earliest + ahead):
                 job = jobs[nxt]
                 deps = [futures[d.key] for d in _requires(job, jobs, ctx.dataset)]
+                # the priority orders the ready jobs inside the bound (earlier first); alone it did not
                 fut = client.submit(fn, job, ctx, *deps, key=f"imer-{ctx.compare_id}-{job.key}",
                                     retries=1, pure=False, priority=len(jobs) - nxt)
                 futures[job.key], index[fut.key] = fut, nxt
