@@ -239,10 +239,10 @@ def test_loss_terms_are_the_weighted_kls_against_teacher_and_recovery_targets(da
     _, parts = m.loss(b)
     p = m.forward_parts(b)
     assert p["fire"].any()  # the CE reads the ensemble's outputs too
-    frames = torch.cat([b["frame_mask"][x] for x in ORDER], 1)
+    frames = torch.cat([b["frame_mask_full"][x] for x in ORDER], 1)  # frames the complete sample has
     with torch.no_grad():
-        pre = torch.cat([m.teacher(b["x_full"], {x: b["frame_mask"][x] for x in ORDER})[x] for x in ORDER], 1)
-        full = torch.cat([m.encoder(b["x_full"], {x: b["frame_mask"][x] for x in ORDER})[x] for x in ORDER], 1)
+        pre = torch.cat([m.teacher(b["x_full"], {x: b["frame_mask_full"][x] for x in ORDER})[x] for x in ORDER], 1)
+        full = torch.cat([m.encoder(b["x_full"], {x: b["frame_mask_full"][x] for x in ORDER})[x] for x in ORDER], 1)
     assert parts["forward"].item() == pytest.approx(0.3 * sym_kl(p["f"], pre, frames).item(), rel=1e-5)
     target = torch.where(p["missing"][..., None], full, p["x"])
     assert not torch.equal(target, p["x"])  # the missing slices' target is the real modality's encoding

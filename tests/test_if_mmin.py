@@ -195,11 +195,12 @@ def test_targets_are_teacher_on_reversed_and_full_input(data):
     batch = train_batch(data)
     t = m.teacher_targets(batch)
     with torch.no_grad():
-        full = m.teacher(batch["x_full"], batch["lengths"])
+        full = m.teacher(batch["x_full"], batch["lengths_full"])
         H = torch.cat([m.teacher_inv.net(full[k]) for k in ("a", "v", "t")], -1)
-        rev_x = {k: batch["x_full"][k] * (~batch["avail"][:, i]).float().view(-1, 1, 1)
-                 for i, k in enumerate(("a", "v", "t"))}
-        rev = m.teacher.fuse(m.teacher(rev_x, batch["lengths"]))
+        gone = {k: ~batch["avail"][:, i] & batch["natural"][:, i] for i, k in enumerate(("a", "v", "t"))}
+        rev_x = {k: batch["x_full"][k] * gone[k].float().view(-1, 1, 1) for k in gone}
+        rev_len = {k: torch.where(gone[k], batch["lengths_full"][k], 1) for k in gone}  # a zeroed one: 1 frame
+        rev = m.teacher.fuse(m.teacher(rev_x, rev_len))
     torch.testing.assert_close(t["invariance"], H)
     torch.testing.assert_close(t["imagination"], rev)
 

@@ -46,7 +46,12 @@ def test_condition_zeroes_exactly_the_dropped_modalities(data, cond):
         else:
             assert not out["x"][m].any()
         assert torch.equal(out["x_full"][m], batch["x"][m])  # ground truth kept for losses
-        assert torch.equal(out["lengths"][m], batch["lengths"][m])  # masking keeps lengths
+        # a modality not present is one zero frame: its length and frame mask say nothing
+        has = out["present"][:, i]
+        assert torch.equal(out["lengths"][m], torch.where(has, batch["lengths"][m], 1))
+        assert torch.equal(out["frame_mask"][m], batch["frame_mask"][m] & has[:, None])
+        assert torch.equal(out["lengths_full"][m], batch["lengths"][m])
+        assert torch.equal(out["frame_mask_full"][m], batch["frame_mask"][m])
     assert batch["x"]["a"].any()  # the original batch is not modified
 
 
@@ -97,10 +102,11 @@ def test_reversed_input_is_missing_real_available_zeroed(data):
     rev = C.reversed_input(b)
     for r in range(6):
         for i, m in enumerate(C.MODALITIES):
-            if avail[r, i]:
-                assert not rev[m][r].any()
+            if avail[r, i] or not batch["natural"][r, i]:
+                assert not rev["x"][m][r].any() and rev["lengths"][m][r] == 1 and not rev["frame_mask"][m][r].any()
             else:
-                assert torch.equal(rev[m][r], batch["x"][m][r])
+                assert torch.equal(rev["x"][m][r], batch["x"][m][r])
+                assert rev["lengths"][m][r] == batch["lengths"][m][r]
 
 
 # ---- networks -------------------------------------------------------------------------------------
@@ -205,15 +211,16 @@ def test_mmin_teacher_target_uses_reversed_input(data):
     b = C.apply_availability(_batch(data, 4), np.array([C.availability(c) for c in ("a", "vt", "at", "v")]))
     tgt = m.teacher_target(b)
     with torch.no_grad():
-        h = m.teacher(C.reversed_input(b), b["lengths"])
+        rev = C.reversed_input(b)
+        h = m.teacher(rev["x"], rev["lengths"])
         zero = {mod: torch.zeros_like(b["x_full"][mod]) for mod in C.MODALITIES}
-        hz = m.teacher(zero, b["lengths"])
+        hz = m.teacher(zero, {mod: torch.ones_like(v) for mod, v in b["lengths"].items()})
     assert torch.allclose(tgt, m.teacher.fuse(h))
     # sample 0 keeps only "a": its audio target is the teacher's embedding of a zero sequence,
     # which is not a zero vector
     assert torch.allclose(tgt[0, :128], hz["a"][0], atol=1e-6) and tgt[0, :128].abs().sum() > 0
     # and its video target is the teacher's embedding of the real video
-    real = m.teacher({k: v for k, v in b["x_full"].items()}, b["lengths"])
+    real = m.teacher({k: v for k, v in b["x_full"].items()}, b["lengths_full"])
     assert torch.allclose(tgt[0, 128:256], real["v"][0], atol=1e-6)
 
 
@@ -230,7 +237,8 @@ def test_mmin_loss_composition(data, w):
         recon, latent = m.imagine(h)
         logits = m.classifier(latent)
         ce = torch.nn.functional.cross_entropy(logits, b["y"])
-        target = m.teacher.fuse(m.teacher(C.reversed_input(b), b["lengths"]))
+        rev = C.reversed_input(b)
+        target = m.teacher.fuse(m.teacher(rev["x"], rev["lengths"]))
         fwd = ((recon - target) ** 2).mean()
         back, _ = m.imagine_back(recon)
         cyc = ((back - h) ** 2).mean()

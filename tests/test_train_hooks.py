@@ -186,7 +186,8 @@ def test_non_finite_frames_never_reach_a_model():
     assert d.seqs["a"].lengths[1] == 4 and d.seqs["v"].lengths[2] == 4  # the bad frames are dropped
     b = d.collate(np.arange(4))
     assert all(torch.isfinite(b["x"][m]).all() for m in "avt")
-    raw = {"x": {"a": torch.full((2, 3, 3), float("nan"))}, "natural": torch.ones(2, 3, dtype=torch.bool)}
+    raw = {"x": {"a": torch.full((2, 3, 3), float("nan"))}, "lengths": {"a": torch.full((2,), 3)},
+           "frame_mask": {"a": torch.ones(2, 3, dtype=torch.bool)}, "natural": torch.ones(2, 3, dtype=torch.bool)}
     masked = apply_availability(raw, np.array([[False, True, True]] * 2))
     assert torch.equal(masked["x"]["a"], torch.zeros(2, 3, 3))  # selection, not NaN * 0
 

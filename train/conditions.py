@@ -4,7 +4,9 @@ Availability is a boolean (N, 3) array in the order (a, v, t). A condition is na
 modalities it keeps: "a", "v", "t", "av", "at", "vt" (the six missing conditions of MMIN's
 Table 1) and "avt" (full). Masking a modality = its frame sequence replaced by zeros plus a False
 flag in ``present`` (the authors' code multiplies by 0; selection gives the same zeros and never
-turns a non-finite input into NaN); lengths are kept.
+turns a non-finite input into NaN). A masked modality also loses its length and frame mask: it
+becomes what a naturally absent one is, one zero frame (length 1, no valid frame), so nothing
+about it reaches a model, not even how long it was (utterance duration carries emotion).
 
 Which samples keep which modalities under a protocol (fixed conditions, missing rate, missing
 ratio) is decided in ``train.protocols``; this module names conditions and applies them.
@@ -41,21 +43,44 @@ def condition_of(row) -> str:
 
 # ---- applying a condition to a batch ------------------------------------------------------------
 
+TRUTH = ("x_full", "lengths_full", "frame_mask_full")  # the unmasked sample: for losses only
+
+
 def apply_availability(batch: dict, avail) -> dict:
-    """A new batch whose inputs ``x`` keep only the available modalities (others zeroed),
-    with ``present`` = natural presence AND availability. The unmasked inputs stay in ``x_full``
+    """A new batch whose inputs keep only the modalities the sample has and keeps under ``avail``:
+    ``present`` = natural presence AND availability; a modality not present has zero frames
+    ``x``, ``lengths`` 1 and no valid frame in ``frame_mask``, whatever its true frames and length.
+    The unmasked sample stays in ``x_full``, ``lengths_full`` and ``frame_mask_full`` (``TRUTH``)
     for losses that need the ground truth of what is missing (reconstruction, teacher targets);
-    the evaluator removes ``x_full`` before ``predict``, so predictions can never use it."""
+    the evaluator removes them before ``predict``, so predictions can never use them."""
     import torch
 
     avail = torch.as_tensor(np.asarray(avail), dtype=torch.bool, device=batch["natural"].device)
     full = batch.get("x_full", batch["x"])
+    lengths = batch.get("lengths_full", batch["lengths"])
+    fmask = batch.get("frame_mask_full", batch["frame_mask"])
     out = dict(batch)
-    out["x_full"] = full
-    out["avail"] = avail
-    out["present"] = batch["natural"] & avail
-    out["x"] = {m: _keep(full[m], avail[:, i]) for i, m in enumerate(MODALITIES) if m in full}
+    out.update(x_full=full, lengths_full=lengths, frame_mask_full=fmask, avail=avail)
+    out["present"] = present = batch["natural"] & avail
+    out.update(masked_view(full, lengths, fmask, present))
     return out
+
+
+def masked_view(x: dict, lengths: dict, frame_mask: dict, keep) -> dict:
+    """{"x", "lengths", "frame_mask"} of a sample where only the modalities ``keep`` (B, 3) says
+    remain; the others are one zero frame (length 1, no valid frame)."""
+    import torch
+
+    cols = {m: keep[:, i] for i, m in enumerate(MODALITIES) if m in x}
+    return {"x": {m: _keep(x[m], k) for m, k in cols.items()},
+            "lengths": {m: torch.where(k.to(lengths[m].device), lengths[m], torch.ones_like(lengths[m]))
+                        for m, k in cols.items()},
+            "frame_mask": {m: frame_mask[m] & k.to(frame_mask[m].device)[:, None] for m, k in cols.items()}}
+
+
+def without_truth(batch: dict) -> dict:
+    """``batch`` without the unmasked sample (``TRUTH``): what ``predict`` may see."""
+    return {k: v for k, v in batch.items() if k not in TRUTH}
 
 
 def _keep(x, keep):
@@ -66,7 +91,7 @@ def _keep(x, keep):
 
 
 def reversed_input(batch: dict) -> dict:
-    """MMIN's teacher input: the missing modalities real, the available ones zeroed."""
-    avail = batch["avail"]
-    full = batch["x_full"]
-    return {m: _keep(full[m], ~avail[:, i]) for i, m in enumerate(MODALITIES) if m in full}
+    """MMIN's teacher input: the missing modalities real, the available ones zeroed (``x``,
+    ``lengths``, ``frame_mask``, as ``masked_view``: a zeroed modality is one zero frame)."""
+    keep = batch["natural"] & ~batch["avail"]
+    return masked_view(batch["x_full"], batch["lengths_full"], batch["frame_mask_full"], keep)

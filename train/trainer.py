@@ -27,7 +27,7 @@ from pipeline.fsutil import atomic_torch_save, atomic_write_json, safe_torch_loa
 from train import metrics
 from train import protocols
 from train.clipping import clip_gradients
-from train.conditions import MODALITIES, apply_availability
+from train.conditions import MODALITIES, apply_availability, without_truth
 from train.data import DataError, DataSpec, MultimodalData, Normalizer, batch_to
 
 
@@ -123,12 +123,11 @@ def evaluate(method, data: MultimodalData, idx, columns, normalizer: Normalizer 
             batch = batch_to(batch, device)  # once per batch; each column masks it on the device
             if share:
                 with torch.autocast(device_type="cuda", dtype=torch.float16, enabled=amp):
-                    given = method.encode_each(_without_truth(apply_availability(batch, np.ones((n, 3), bool))))
-                    zeroed = method.encode_each(_without_truth(apply_availability(batch, np.zeros((n, 3), bool))))
+                    given = method.encode_each(without_truth(apply_availability(batch, np.ones((n, 3), bool))))
+                    zeroed = method.encode_each(without_truth(apply_availability(batch, np.zeros((n, 3), bool))))
             for c in columns:
                 torch.manual_seed(zlib.crc32(f"{int(seed)}|{c}|{start}".encode()))
-                b = apply_availability(batch, avail[c][pos])
-                b.pop("x_full")
+                b = without_truth(apply_availability(batch, avail[c][pos]))
                 b["phase"] = phase
                 with torch.autocast(device_type="cuda", dtype=torch.float16, enabled=amp):
                     if share:
@@ -150,11 +149,6 @@ def evaluate(method, data: MultimodalData, idx, columns, normalizer: Normalizer 
     for c in columns:
         out[c]["avail"] = avail[c]
     return out
-
-
-def _without_truth(batch: dict) -> dict:
-    batch.pop("x_full", None)
-    return batch
 
 
 def pooled(results: dict) -> tuple[np.ndarray, np.ndarray]:

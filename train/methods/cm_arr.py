@@ -177,7 +177,7 @@ class CMARR(Method):
         modality's rows are the same as in ``predict``; a missing modality's rows serve only as
         the alignment pairs and the reconstruction target, never as an input of the completion."""
         natural = batch["natural"]
-        valid_full = {n: batch["frame_mask"][n] & natural[:, i].view(-1, 1) for i, n in enumerate(MODALITIES)}
+        valid_full = {n: batch["frame_mask_full"][n] & natural[:, i].view(-1, 1) for i, n in enumerate(MODALITIES)}
         enc = self.encode(batch["x_full"], valid_full)
         present = batch["present"]
         c = self.complete({n: enc[n]["X"] for n in MODALITIES}, valid_full, present)

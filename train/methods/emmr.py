@@ -84,7 +84,7 @@ def _check_task(name, spec):
 def _valid(batch, natural: bool = False) -> dict:
     """Per-modality valid frames: of the masked sample, or (``natural``) of the complete one."""
     if natural:
-        return {m: batch["frame_mask"][m] & batch["natural"][:, MODALITIES.index(m)][:, None] for m in ORDER}
+        return {m: batch["frame_mask_full"][m] & batch["natural"][:, MODALITIES.index(m)][:, None] for m in ORDER}
     return {m: modality_valid(batch, m) for m in ORDER}
 
 
@@ -281,5 +281,5 @@ class EMMR(Method):
 def _rows(batch: dict, rows: torch.Tensor) -> dict:
     """The rows of a batch's tensors that the encoders read."""
     return {"x_full": {m: v[rows] for m, v in batch["x_full"].items()},
-            "frame_mask": {m: v[rows] for m, v in batch["frame_mask"].items()},
+            "frame_mask_full": {m: v[rows] for m, v in batch["frame_mask_full"].items()},
             "natural": batch["natural"][rows]}

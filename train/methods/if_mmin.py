@@ -238,8 +238,9 @@ class IFMMIN(Method):
         """h'' = teacher embedding of the reversed input (imagination target) and H = teacher
         invariant features of the full input (invariance target)."""
         with torch.no_grad():
-            rev = self.teacher.fuse(self.teacher(reversed_input(batch), batch["lengths"]))
-            full = self.teacher(batch["x_full"], batch["lengths"])
+            r = reversed_input(batch)
+            rev = self.teacher.fuse(self.teacher(r["x"], r["lengths"]))
+            full = self.teacher(batch["x_full"], batch["lengths_full"])
             return {"imagination": rev, "invariance": self.teacher.fuse(self.teacher_inv(full))}
 
     def loss(self, batch):

@@ -177,7 +177,7 @@ class IMDer(IMDerPretrain):
         self.check_inherited()
         feats, valid = self.features(batch["x"], batch)
         with torch.no_grad():
-            truth, _ = self.features(batch["x_full"], batch)
+            truth, _ = self.proj(batch["x_full"], batch["frame_mask_full"])
         feats, score_loss, rec_loss = self.complete(feats, batch["present"], "train",
                                                     {"feats": truth, "natural": batch["natural"]})
         task = self.task_loss(self.backbone(feats, valid), batch["y"])

@@ -72,9 +72,10 @@ class MMIN(Method):
     def teacher_target(self, batch) -> torch.Tensor:
         """Teacher embedding of the reversed input: for a modality the sample keeps, the target is
         the teacher's embedding of a zero sequence (not a zero vector); for a missing one, of its
-        real features."""
+        real features (a zeroed modality is one zero frame, as every masked one)."""
         with torch.no_grad():
-            return self.teacher.fuse(self.teacher(reversed_input(batch), batch["lengths"]))
+            rev = reversed_input(batch)
+            return self.teacher.fuse(self.teacher(rev["x"], rev["lengths"]))
 
     def loss(self, batch):
         self.check_inherited()
@@ -85,3 +86,4 @@ class MMIN(Method):
             back, _ = self.imagine_back(p["recon"])
             parts["cycle"] = self.w_cycle * nn.functional.mse_loss(back.float(), p["h"].detach().float())
         return sum(parts.values()), parts
+
