@@ -79,7 +79,7 @@ def step_flops(trainer, batch) -> int:
     from train.protocols import draw
 
     b = batch_to(apply_availability(batch, draw(trainer.tcfg.get("missing"), len(batch["y"]),
-                                                 np.random.default_rng(0))), trainer.device)
+                                                 np.random.default_rng(0), batch["natural"].numpy())), trainer.device)
     b["phase"] = "train"
     with counter() as fc:
         loss, _ = trainer.method.loss(b)

@@ -1,5 +1,6 @@
 """The missing-modality protocols (train/protocols.py): exact missing rates, exact missing ratios,
-masks that depend on (utterance, protocol, parameter, seed) only, and the table layout."""
+masks that depend on (the split, protocol, parameter, seed) only, natural absence, and the
+table layout."""
 
 from __future__ import annotations
 
@@ -49,7 +50,7 @@ def test_missing_ratio_modality_is_uniform():
     assert ((counts >= lo) & (counts <= hi)).all(), counts
 
 
-def test_masks_depend_on_id_protocol_parameter_and_seed_only():
+def test_masks_depend_on_the_split_protocol_parameter_and_seed_only():
     ids = _ids(200)
     a = P.masks("mr=0.4", ids, seed=7)
     perm = np.random.default_rng(0).permutation(200)
@@ -58,6 +59,10 @@ def test_masks_depend_on_id_protocol_parameter_and_seed_only():
     assert np.array_equal(a, P.masks("mr=0.4", list(ids), seed=7))  # a rerun sees the same masks
     assert not np.array_equal(a, P.masks("mr=0.4", ids, seed=8))  # another seed, other masks
     assert not np.array_equal(P.masks("eta=0.4", ids, 7), P.masks("eta=0.4", ids, 8))
+    # the counts are exact on the split, so the allocation is by rank over it: the same utterance
+    # in a subset can get another mask (why report / compare refuse runs with other test ids)
+    sub = P.masks("mr=0.4", ids[:50], seed=7)
+    assert not np.array_equal(sub, a[:50])
 
 
 def test_masks_are_nested_across_rates():
@@ -96,3 +101,66 @@ def test_training_rates_list_draws_one_rate_per_batch():
     seen = {round(P.realised_rate(P.draw({"kind": "missing-rate", "rates": [0.0, 0.5]}, 30, rng)), 3)
             for _ in range(40)}
     assert seen == {0.0, 0.5}
+
+
+# ---- natural absence is part of the masks --------------------------------------------------------
+
+def _natural(n, seed=0, p_absent=0.25):
+    nat = np.random.default_rng(seed).random((n, 3)) > p_absent
+    nat[:4] = [[True, False, False], [False, False, True], [False, False, False], [True, True, True]]
+    return nat
+
+
+@pytest.mark.parametrize("rate", [0.0, 0.2, 0.3, 0.5, 0.6])
+def test_missing_rate_counts_natural_absence_and_keeps_a_present_modality(rate):
+    n = 400
+    nat = _natural(n)
+    keep = P.masks(P.column(P.RATE, rate), _ids(n), seed=4, natural=nat)
+    seen = keep & nat
+    has = nat.any(1)
+    assert (seen.sum(1)[has] >= 1).all()  # a sample keeps a modality it really has
+    assert seen[0, 0] and seen[1, 2]  # a sample with one present modality keeps it
+    natural_mr = 1 - nat.mean()
+    # what the model sees is the rate asked for, once the natural absences are below it
+    want = max(rate, natural_mr)
+    assert abs(P.realised(seen)["mr"] - want) <= 0.5 / (3 * n) + 1e-12
+    assert not (~keep & ~nat).any()  # a mask never "drops" what is naturally absent
+    # never more dropped than needed, and nested across rates
+    lower = P.masks(P.column(P.RATE, max(rate - 0.1, 0.0)), _ids(n), seed=4, natural=nat)
+    assert not (keep & ~lower).any()
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.3, 0.5, 0.8])
+def test_missing_ratio_counts_naturally_incomplete_samples(eta):
+    n = 300
+    nat = _natural(n, seed=1, p_absent=0.1)
+    keep = P.masks(P.column(P.RATIO, eta), _ids(n), seed=2, natural=nat)
+    seen = keep & nat
+    complete = nat.all(1)
+    lost = 3 - keep.sum(1)
+    assert set(np.unique(lost)) <= {0, 1} and not lost[~complete].any()  # only complete samples lose one
+    want = max(int(round(eta * n)), int((~complete).sum()))
+    assert int((seen.sum(1) < 3).sum()) == want
+    assert P.realised(seen)["eta"] == pytest.approx(want / n)
+
+
+def test_masks_without_natural_absence_are_the_complete_data_masks():
+    ids = _ids(97)
+    for col in ("mr=0.3", "mr=0.6", "eta=0.4"):
+        assert np.array_equal(P.masks(col, ids, 3), P.masks(col, ids, 3, natural=np.ones((97, 3), bool)))
+
+
+def test_training_conditions_draw_keeps_a_present_modality():
+    nat = np.tile([[False, True, True]], (500, 1))  # no audio anywhere
+    a = P.draw({"kind": "conditions"}, 500, np.random.default_rng(0), nat)
+    assert ((a & nat).sum(1) >= 1).all()  # condition "a" never leaves a sample with no input
+    names = {"".join(m for m, k in zip("avt", r) if k) for r in a}
+    assert names == {"v", "t", "av", "at", "vt"}  # every usable choice still drawn
+    # and a rate / ratio draw follows the masks' rules
+    r = P.draw({"kind": "missing-rate", "rate": 0.5}, 500, np.random.default_rng(1), nat)
+    assert ((r & nat).sum(1) >= 1).all() and P.realised(r & nat)["mr"] == pytest.approx(0.5, abs=1 / 1500)
+
+
+def test_realised_reports_what_the_model_saw():
+    seen = np.array([[1, 1, 1], [1, 0, 0], [0, 0, 0], [0, 1, 1]], bool)
+    assert P.realised(seen) == {"mr": pytest.approx(1 - 6 / 12), "eta": 0.75, "no_input": 0.25}

@@ -126,8 +126,13 @@ def test_evaluation_masks_follow_the_protocol(data):
     m = build(_probe_cfg(), data.spec)
     idx = np.arange(len(data))
     res = evaluate(m, data, idx, ["mr=0.5", "eta=0.3", "vt"], seed=2)
-    assert np.array_equal(res["mr=0.5"]["avail"], P.masks("mr=0.5", data.ids, 2))
-    assert (res["eta=0.3"]["avail"].sum(1) == 2).sum() == round(0.3 * len(data))
+    nat = data.natural
+    assert not nat.all()  # the fixture has natural absence: the masks take it into account
+    assert np.array_equal(res["mr=0.5"]["avail"], P.masks("mr=0.5", data.ids, 2, nat))
+    assert np.array_equal(res["mr=0.5"]["present"], res["mr=0.5"]["avail"] & nat)  # what the model saw
+    assert P.realised(res["mr=0.5"]["present"])["mr"] == pytest.approx(0.5, abs=1 / (3 * len(data)))
+    seen = res["eta=0.3"]["present"]
+    assert (seen.sum(1) < 3).sum() == max(round(0.3 * len(data)), int((~nat.all(1)).sum()))
     assert res["vt"]["avail"].tolist() == [[False, True, True]] * len(data)
 
 
@@ -253,7 +258,8 @@ def test_two_methods_get_identical_test_masks(data, tmp_path):
     p1, p2 = (np.load(next(r.glob("folds/*/seed0/predictions.npz"))) for r in runs)
     for c in ("mr=0.4", "eta=0.2"):
         assert np.array_equal(p1[f"{c}_avail"], p2[f"{c}_avail"])
-        assert not p1[f"{c}_avail"].all()
+        assert np.array_equal(p1[f"{c}_present"], p2[f"{c}_present"])
+        assert not p1[f"{c}_present"].all()
 
 
 def test_feature_overrides_reach_prerequisites(data, tmp_path):

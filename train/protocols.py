@@ -10,18 +10,33 @@ by a short id:
 - missing ratio (EMMR): ``eta=0.2``: exactly round(eta * N) samples lose exactly one modality, drawn
   uniformly from the three.
 
-Test masks are a function of (utterance id, protocol, parameter, seed) only: every method, every
-rerun and every split order sees the same masks for the same seed. Each utterance gets uniform
-keys from a hash of (protocol, seed, id); a parameter only says how many of the lowest keys are
-dropped, so masks are nested (what is missing at MR 0.3 is also missing at MR 0.5).
+Test masks are a function of the split's utterance ids (as a set), their natural presence, the
+protocol, its parameter and the seed: every method, every rerun and every order of the same split
+sees the same masks for the same seed. Each utterance gets uniform keys from a hash of (protocol,
+seed, id); the counts are exact on the split, so the allocation is by rank over the split: the
+lowest keys of *this split* lose a modality, and the same utterance in another set of ids (a subset,
+another fold file) can get a different mask. ``imer report`` and ``imer compare`` therefore refuse
+to put side by side runs whose test ids differ. Masks are nested across parameters (what is
+missing at MR 0.3 is also missing at MR 0.5).
+
+Natural absence (no face in the whole video, an empty transcript: ``MultimodalData.natural``) is
+part of the masks: a naturally absent modality is missing whatever the mask says, so it counts
+towards MR and eta, and a sample always keeps at least one modality it really has, where it has
+one. MR: the slots dropped are naturally present ones, never a sample's last present one, and
+only as many as the rate still needs beyond the natural absences. Eta: a sample that already
+misses a modality counts as one of the round(eta * N); the others needed are drawn among the
+complete samples. Fixed conditions are what they say: a sample without any of the condition's
+modalities has no input under it. ``realised`` reports, per column, what the model saw.
 
 MR above (M - 1) / M = 2/3 cannot be reached while every sample keeps a modality: such a rate is
-capped at 2/3 (every sample keeps exactly one, as the CPM-Nets / GCNet mask generator does) with a
-warning, and ``realised_rate`` reports what was drawn.
+capped (every sample keeps exactly one, as the CPM-Nets / GCNet mask generator does) with a
+warning, and ``realised`` reports what was drawn.
 
 Training draws masks per batch from the trainer's seeded generator (config ``train.missing``):
 ``{kind: full}``, ``{kind: conditions, choices: [...]}``, ``{kind: missing-rate, rate: r}`` or
 ``rates: [...]`` (each batch draws one), ``{kind: missing-ratio, ratio: eta}`` or ``ratios: [...]``.
+Training draws follow the same rules for natural absence; a conditions draw picks, per sample,
+among the choices that keep one of its present modalities.
 """
 
 from __future__ import annotations
@@ -144,31 +159,47 @@ def _warn_cap(rate: float) -> None:
                   "sample; every sample keeps exactly one modality instead", stacklevel=3)
 
 
-def allocate_rate(keys: np.ndarray, rate: float) -> np.ndarray:
-    """(N, M) availability from (N, M) uniform keys: the round(rate * N * M) droppable slots with the
-    smallest keys are dropped; a sample's slot with its largest key is never droppable."""
+def _natural(natural, n: int) -> np.ndarray:
+    return np.ones((n, M), dtype=bool) if natural is None else np.asarray(natural, dtype=bool).reshape(n, M)
+
+
+def allocate_rate(keys: np.ndarray, rate: float, natural=None) -> np.ndarray:
+    """(N, M) availability from (N, M) uniform keys: of the droppable slots (naturally present, and
+    not the sample's present slot with the largest key), the ones with the smallest keys are
+    dropped until round(rate * N * M) slots are missing, natural absences included."""
     n = len(keys)
-    k = int(round(rate * n * M))
-    if k > (M - 1) * n:
-        _warn_cap(rate)
-        k = (M - 1) * n
+    nat = _natural(natural, n)
     keep = np.ones((n, M), dtype=bool)
-    if k == 0:
+    if n == 0:
         return keep
-    order = np.argsort(keys, axis=1, kind="stable")[:, : M - 1]      # droppable slots, lowest key first
-    cand = np.take_along_axis(keys, order, axis=1)                   # ascending within a sample
-    flat = np.argsort(cand.reshape(-1), kind="stable")[:k]           # a sample's 2nd before its 1st never wins
-    rows, pos = np.divmod(flat, M - 1)
-    keep[rows, order[rows, pos]] = False
+    want = int(round(rate * n * M))
+    if want > (M - 1) * n:
+        _warn_cap(rate)
+        want = (M - 1) * n
+    k = want - int((~nat).sum())
+    if k <= 0:
+        return keep
+    kk = np.where(nat, keys, np.inf)
+    has = nat.any(1)
+    last = np.argmax(np.where(nat, keys, -np.inf), axis=1)  # the present slot with the largest key
+    kk[np.flatnonzero(has), last[has]] = np.inf                           # never dropped
+    flat = np.argsort(kk.reshape(-1), kind="stable")[:k]
+    flat = flat[np.isfinite(kk.reshape(-1)[flat])]
+    keep.reshape(-1)[flat] = False
     return keep
 
 
-def allocate_ratio(sample_keys: np.ndarray, modality_keys: np.ndarray, ratio: float) -> np.ndarray:
-    """(N, M) availability: the round(ratio * N) samples with the smallest keys each lose the modality
+def allocate_ratio(sample_keys: np.ndarray, modality_keys: np.ndarray, ratio: float, natural=None) -> np.ndarray:
+    """(N, M) availability: round(ratio * N) samples miss a modality. Samples that naturally miss
+    one count among them; of the complete ones, those with the smallest keys lose the modality
     floor(modality_key * M)."""
     n = len(sample_keys)
+    nat = _natural(natural, n)
     keep = np.ones((n, M), dtype=bool)
-    hit = np.argsort(sample_keys, kind="stable")[: int(round(ratio * n))]
+    complete = nat.all(1)
+    k = max(0, int(round(ratio * n)) - int((~complete).sum()))
+    order = np.argsort(np.where(complete, sample_keys, np.inf), kind="stable")
+    hit = order[: min(k, int(complete.sum()))]
     keep[hit, np.minimum((modality_keys[hit] * M).astype(int), M - 1)] = False
     return keep
 
@@ -182,28 +213,41 @@ def _keys(ids, kind: str, seed: int) -> np.ndarray:
     return out
 
 
-def masks(col: str, ids, seed: int) -> np.ndarray:
-    """(N, 3) bool availability (a, v, t) of the utterances ``ids`` under test column ``col``."""
+def masks(col: str, ids, seed: int, natural=None) -> np.ndarray:
+    """(N, 3) bool availability (a, v, t) of the utterances ``ids`` under test column ``col``;
+    ``natural`` (N, 3) is their natural presence (None: every modality exists). What the model
+    sees is ``natural & masks``."""
     kind, p = parse(col)
     n = len(ids)
     if kind == FIXED:
         return np.tile(availability(p), (n, 1))
     keys = _keys(ids, kind, seed)
     if kind == RATE:
-        return allocate_rate(keys[:, :M], p)
-    return allocate_ratio(keys[:, M], keys[:, 0], p)
+        return allocate_rate(keys[:, :M], p, natural)
+    return allocate_ratio(keys[:, M], keys[:, 0], p, natural)
 
 
-def realised_rate(avail: np.ndarray) -> float:
-    """MR = 1 - sum(m) / (N * M) of an availability array."""
-    avail = np.asarray(avail, bool)
-    return float(1.0 - avail.sum() / max(avail.size, 1))
+def realised_rate(present: np.ndarray) -> float:
+    """MR = 1 - sum(m) / (N * M) of a presence (or availability) array."""
+    present = np.asarray(present, bool)
+    return float(1.0 - present.sum() / max(present.size, 1))
+
+
+def realised(present: np.ndarray) -> dict:
+    """What the model saw under a column, from (N, 3) presence (natural & mask): the missing rate
+    ``mr``, the missing ratio ``eta`` (share of samples missing at least one modality) and
+    ``no_input`` (share of samples with no modality at all)."""
+    present = np.asarray(present, bool)
+    n = max(len(present), 1)
+    return {"mr": realised_rate(present), "eta": float((present.sum(1) < M).sum() / n),
+            "no_input": float((present.sum(1) == 0).sum() / n)}
 
 
 # ---- training-time draws ---------------------------------------------------------------------------
 
-def draw(spec: dict | None, n: int, rng: np.random.Generator) -> np.ndarray:
-    """(n, 3) availability for one training batch under config ``train.missing``."""
+def draw(spec: dict | None, n: int, rng: np.random.Generator, natural=None) -> np.ndarray:
+    """(n, 3) availability for one training batch under config ``train.missing``; ``natural``
+    (n, 3) is the batch's natural presence (None: complete)."""
     spec = spec or {"kind": "full"}
     kind = spec.get("kind", "full")
     if kind == "full":
@@ -211,7 +255,16 @@ def draw(spec: dict | None, n: int, rng: np.random.Generator) -> np.ndarray:
     if kind == FIXED:
         choices = [canonical(c) for c in spec.get("choices", MISSING_CONDITIONS)]
         table = np.stack([availability(c) for c in choices])
-        return table[rng.integers(0, len(choices), size=n)]
+        pick = rng.integers(0, len(choices), size=n)
+        if natural is not None:
+            usable = (table[None] & _natural(natural, n)[:, None]).any(2)  # (n, choices): keeps a present one
+            bad = ~usable[np.arange(n), pick] & usable.any(1)
+            if bad.any():  # redraw those uniformly among their usable choices
+                u = rng.random(int(bad.sum()))
+                opts = usable[bad]
+                rank = np.floor(u * opts.sum(1)).astype(int)
+                pick[bad] = np.argmax(np.cumsum(opts, 1) > rank[:, None], axis=1)
+        return table[pick]
     if kind in (RATE, RATIO):
         one, many = ("rate", "rates") if kind == RATE else ("ratio", "ratios")
         vals = spec.get(many, [spec[one]] if one in spec else None)
@@ -220,6 +273,6 @@ def draw(spec: dict | None, n: int, rng: np.random.Generator) -> np.ndarray:
         p = float(vals[int(rng.integers(0, len(vals)))]) if len(vals) > 1 else float(vals[0])
         parse(column(kind, p))  # range check
         if kind == RATE:
-            return allocate_rate(rng.random((n, M)), p)
-        return allocate_ratio(rng.random(n), rng.random(n), p)
+            return allocate_rate(rng.random((n, M)), p, natural)
+        return allocate_ratio(rng.random(n), rng.random(n), p, natural)
     raise ProtocolError(f"train.missing.kind {kind!r} unknown; use full, conditions, missing-rate or missing-ratio")

@@ -183,7 +183,9 @@ class Experiment:
         np.savez_compressed(pred_path, **preds)
         task = self.data.task
         res["test"].update({c: metrics.compute(task, r["y"], r["out"]) for c, r in test.items()})
-        res.setdefault("realised_mr", {}).update({c: protocols.realised_rate(r["avail"]) for c, r in test.items()})
+        # what the model saw per column (natural absence included): MR, eta, share with no input
+        res.setdefault("realised", {}).update({c: protocols.realised(r["present"]) for c, r in test.items()})
+        res.pop("realised_mr", None)  # older runs: replaced by realised[column]["mr"]
         res["val"].update({c: metrics.compute(task, r["y"], r["out"]) for c, r in val.items()})
         # the method's own figures of the selected model on the test split (CM-ARR's t-SNE)
         if "figures" not in res:  # they depend on the model only: drawn once, not per new column

@@ -93,8 +93,10 @@ def evaluate(method, data: MultimodalData, idx, columns, normalizer: Normalizer 
              phase: str = "test", share: bool = True, output: str = "predict") -> dict | None:
     """Raw outputs of ``method`` on rows ``idx`` under each test column (a condition, ``mr=r`` or
     ``eta=x``, see ``train.protocols``): {column: {"index": (N,), "y": (N,), "out": (N, C),
-    "avail": (N, 3)}}, rows in the order of ``idx``.
-    Masks come from (utterance id, protocol, seed), so every method sees the same ones. ``predict``
+    "avail": (N, 3), "present": (N, 3)}}, rows in the order of ``idx``; ``present`` = natural
+    presence & ``avail``, what the model saw.
+    Masks come from (the split's ids and natural presence, protocol, seed), so every method sees
+    the same ones. ``predict``
     gets the masked inputs and ``phase`` only: labels and unmasked inputs are removed first. The
     torch RNG is forked and seeded per (seed, column, batch), so a stochastic method (IMDer's
     sampling) gives the same numbers every time, whatever other columns are evaluated with it.
@@ -106,7 +108,8 @@ def evaluate(method, data: MultimodalData, idx, columns, normalizer: Normalizer 
     columns = list(columns)
     idx = np.asarray(idx, dtype=np.int64)
     ids = [data.ids[i] for i in idx]
-    avail = {c: protocols.masks(c, ids, seed) for c in columns}
+    natural = data.natural[idx]
+    avail = {c: protocols.masks(c, ids, seed, natural) for c in columns}
     per_sample = share and output == "predict" and shares_encoders(method)  # so batches may be sorted
     share = per_sample and len(columns) > 2  # two encoder passes pay off from three columns on
     order = data.length_order(idx) if per_sample else np.arange(len(idx))
@@ -148,6 +151,7 @@ def evaluate(method, data: MultimodalData, idx, columns, normalizer: Normalizer 
     out = {c: {k: np.concatenate(v)[back] if v else np.zeros(0) for k, v in r.items()} for c, r in res.items()}
     for c in columns:
         out[c]["avail"] = avail[c]
+        out[c]["present"] = avail[c] & natural  # what the model saw
     return out
 
 
@@ -336,7 +340,7 @@ class Trainer:
                 break
             k += 1
             n = len(batch["y"])
-            avail = protocols.draw(self.tcfg.get("missing"), n, rng)
+            avail = protocols.draw(self.tcfg.get("missing"), n, rng, batch["natural"].numpy())
             b = batch_to(apply_availability(batch, avail), self.device)
             b["phase"] = "train"
             t1 = time.perf_counter()

@@ -33,6 +33,13 @@ A method whose modalities are encoded separately before anything mixes them (the
 MMIN, IF-MMIN) returns those embeddings from ``encode_each`` and predicts from them in
 ``predict_from``: evaluating N missing conditions then costs two encoder passes per batch, not N.
 
+A missing modality carries no information into a method: ``predict``, ``represent``,
+``encode_each`` and ``loss`` of every subclass receive the batch with each modality the sample
+does not have present (``batch["present"]``) reduced to one zero frame (length 1, no valid frame),
+whatever the caller put there (``Method.__init_subclass__`` wraps them; registering a method is
+enough). Only the ground truth for losses (``x_full``, ``lengths_full``, ``frame_mask_full``)
+keeps the real sequences, and the evaluator removes it before ``predict``.
+
 Hooks a method may override: ``param_groups`` (its own optimiser groups, e.g. a smaller learning
 rate for pretrained parts), ``on_epoch_end`` (called after each epoch's validation) and
 ``represent`` (the joint representation its classifier reads, for the comparison's t-SNE). The
@@ -42,20 +49,48 @@ trainer owns everything else: missing-modality sampling (config ``train.missing`
 
 from __future__ import annotations
 
+import functools
 from typing import ClassVar
 
 import torch
 from torch import nn
 
 from pipeline.registry import Registry
+from train.conditions import masked_view
 from train.data import DataSpec
 from train.nets import init_weights
 
 _REGISTRY = Registry("method", "train.methods")
+GUARDED = ("predict", "represent", "encode_each", "loss")  # entry points that read the inputs
+
+
+def only_present(batch):
+    """``batch`` with every modality not present reduced to one zero frame (see the module
+    docstring); unchanged when it is not a masked batch (no ``present``)."""
+    if not isinstance(batch, dict) or "present" not in batch or "x" not in batch:
+        return batch
+    out = dict(batch)
+    out.update(masked_view(batch["x"], batch["lengths"], batch["frame_mask"], batch["present"]))
+    return out
+
+
+def _guard(fn):
+    @functools.wraps(fn)
+    def call(self, batch, *args, **kw):
+        return fn(self, only_present(batch), *args, **kw)
+    call.guarded = True
+    return call
 
 class Method(nn.Module):
     name: ClassVar[str]
     exports: ClassVar[tuple[str, ...]] = ()  # parts (attribute = model.<part> config) others may load
+
+    def __init_subclass__(cls, **kw):
+        super().__init_subclass__(**kw)
+        for name in GUARDED:
+            fn = cls.__dict__.get(name)
+            if fn is not None and not getattr(fn, "guarded", False):
+                setattr(cls, name, _guard(fn))
 
     def __init__(self, cfg: dict, spec: DataSpec):
         super().__init__()
