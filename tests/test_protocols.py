@@ -61,8 +61,8 @@ def test_masks_depend_on_the_split_protocol_parameter_and_seed_only():
     assert not np.array_equal(P.masks("eta=0.4", ids, 7), P.masks("eta=0.4", ids, 8))
     # the counts are exact on the split, so the allocation is by rank over it: the same utterance
     # in a subset can get another mask (why report / compare refuse runs with other test ids)
-    sub = P.masks("mr=0.4", ids[:50], seed=7)
-    assert not np.array_equal(sub, a[:50])
+    sub = P.masks("mr=0.4", ids[:20], seed=7)
+    assert not np.array_equal(sub, a[:20])
 
 
 def test_masks_are_nested_across_rates():
