@@ -1,6 +1,7 @@
 """EMMR: recovery of the missing slice, the key-missing check and its branch, the pair weights,
-the attention fusion, the frozen teacher on the complete sample, the symmetric KL, and the
-vectorised branch against a per-sample loop."""
+the attention fusion, the frozen teacher on the complete sample, the symmetric KL, the
+vectorised branch against a per-sample loop, and bench/emmr_check.py on a tiny run (the loss
+terms against the paper's equations: tests/test_emmr_reference.py)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ from train.synthetic import synthetic_data
 TINY = {"model.encoder": {"dim": 16, "heads": 2, "dropout": 0.0}, "model.tf": {"ffn": 16},
         "model.ae": {"layers": [12, 8, 4]}, "model.cra": {"layers": [12, 8, 4], "blocks": 2}}
 LENS = {"a": 12, "v": 6, "t": 5}
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_cfg(name="emmr", **extra):
@@ -301,3 +304,21 @@ def test_run_trains_the_teacher_then_emmr_under_both_protocols(tmp_path):
         assert torch.equal(m.teacher.state_dict()[k], v)
     table = (run / "table.md").read_text()
     assert "eta" in table.lower() and "{a}" in table
+
+    # bench/emmr_check.py on this run: the run's own evaluator, so the run's test outputs come back
+    from bench.emmr_check import check_outputs, markdown, run_check
+
+    res = run_check(run, data=d, folds=folds, log=lambda *a: None)
+    assert res["max_abs_diff_vs_predictions"] < 1e-6
+    by_col = {r["column"]: r for r in res["rows"]}
+    assert set(by_col) == {"a", "avt", "eta=0.2", "eta=0.5"}
+    n = len(folds[0].test)
+    assert by_col["avt"]["checked"] == by_col["avt"]["fired"] == 0 and by_col["a"]["checked"] == n
+    assert by_col["eta=0.5"]["checked"] == round(0.5 * n) and by_col["eta=0.2"]["checked"] == round(0.2 * n)
+    _, norm, _ = load_checkpoint(next(run.glob("folds/*/seed0/best.pt")))
+    r = check_outputs(m, d, d.indices(folds[0].test), ["a"], norm, 256, 0)["a"]
+    assert np.array_equal(r["out"][~r["fired"]], r["out_f"][~r["fired"]])
+    f = r["fired"]
+    assert by_col["a"]["fired"] == f.sum() and by_col["a"]["ens_right"] == (r["out"][f].argmax(1) == r["y"][f]).sum()
+    assert by_col["a"]["f_right"] == (r["out_f"][f].argmax(1) == r["y"][f]).sum()
+    assert "| eta=0.5 |" in markdown(res)

@@ -21,19 +21,37 @@ key-missing check compares L_vat = Judge(I_TF) with L_avail = Judge(the availabl
 their argmaxes differ, every pair's logits L_k = Judge(I_m, I_n) are weighted by
 alpha = softmax_k(max softmax(L_k)) into E_key = [alpha_va L_va; alpha_vt L_vt; alpha_at L_at]
 (Eqs. 10-11) for each decoder, and the three E_key are fused by attention (Eq. 12) into r;
-otherwise R = F (Eq. 13). Loss (Eqs. 14-16), the ½ factors included:
+otherwise R = F (Eq. 13). Loss (Eqs. 14-16), the ½ factors included, plus the Judge's own term:
 
     L = CE + forward * ½(KL(F || E_pre) + KL(E_pre || F)) + backward * ½(KL(X' || X~) + KL(X~ || X'))
+        + judge * L_judge
 
 where E_pre is the frozen teacher's encoding of the *full* sample, X' each decoder's output
 (averaged over the decoders) and KL is taken between per-frame softmaxes over the feature dim.
+
+L_judge: Eqs. 8-9 call the Judge's outputs sentiment labels, and the check compares their argmaxes,
+so each is a sentiment prediction trained with the label (CE); Eq. 14 names no such term and the
+released code never runs the check, so the weight is imer's (``loss.judge``, default 1, as the CE).
+Supervised: on *every* sample of the batch, the Judge's seven predictions on the backbone's
+recovered input I_TF (I_TF = X on a complete sample): L_vat (Eq. 8), the three pairs L_va, L_vt,
+L_at (Eq. 9) and the three single modalities; L_judge is their mean CE over samples x 7, each
+prediction weighted alike. Why these: the check reads L_vat and L_avail, and L_avail *is* one of
+them (the available pair, or with two missing the available single modality: its slots of I_TF
+are X's); the ensemble reads the pairs. Every sample, so the Judge learns on every batch, also when
+the check fires nowhere (with CE alone it would learn only through the fired rows' ensemble
+output). The singles because the eta protocol never drops two modalities, yet the fixed
+conditions a, v, t check against one. Pairs and singles that contain a missing modality read its
+reconstruction, as the ensemble's pairs do. The Judge's pairs on the AE's and the CRA's
+recoveries are not supervised on their own: they run on the fired rows only and learn through
+the ensemble's CE there. The term's gradient reaches the decoder and the student encoder through
+I_TF (end to end, like the CE).
 
 Choices where the paper is silent or its equations do not fit together (also in the config):
 - Utterance vectors (for the classifiers and Judge) are a mean over modalities of each
   modality's mean over its frames ("balanced pooling"), so 150 audio frames do not outweigh 25
   text tokens. Missing modalities' positions count as frames of their reconstruction.
 - One Judge (attention + FC) computes L_vat, L_avail and every pair, so their predictions are on
-  one scale; it reads only the selected modalities' slots (key padding). With two modalities
+  one scale; for each subset it reads only the selected modalities' slots. With two modalities
   missing (the fixed conditions a, v, t) the check compares with the one available modality.
 - Eq. 17 feeds "R" to one FC, but r (3C) and F (d) differ in size: R = F goes through the
   classifier d -> C, r through a linear layer 3C -> C.
@@ -46,9 +64,11 @@ Choices where the paper is silent or its equations do not fit together (also in 
   the 0.2 of SPEC.md §3 is Eq. 1's (``model.encoder.dropout``), 0.3 the FFNs' and classifiers'.
 - The reconstruction target X~ (Eq. 16's "processed input"): the masked X itself would teach the
   decoders to reproduce the encoding of a zero sequence where a modality is missing, which makes
-  recovery pointless; imer's target is X on the available slices and the student encoder's
-  encoding of the real modality on the missing ones (computed without gradient; a stop-gradient
-  target as in MMIN's cycle loss). ``loss.backward_target: masked`` gives the literal reading.
+  recovery pointless; imer's target is the student encoder's encoding of the complete sample: X
+  on the available slices and the real modality's encoding on the missing ones, computed without
+  gradient (a stop-gradient target as in MMIN's cycle loss) and without dropout (the encoder in
+  eval mode for that pass, so the target is not a draw of Eq. 1's dropout noise).
+  ``loss.backward_target: masked`` gives the literal reading (X as the decoder read it).
 - The student encoder starts from random weights (the paper does not say it is initialised from
   the teacher); ``model.student_init: teacher`` copies the teacher's weights into it.
 - The authors' IEMOCAP code used T 50 text tokens; the paper's table says 25 (used here).
@@ -63,8 +83,9 @@ from torch import nn
 
 from train.conditions import MODALITIES
 from train.methods import Method, register
-from train.methods.emmr_nets import (AVT, ORDER, PAIRS, Fusion, FrameAE, Judge, Layout, ModalityEncoder,
-                                     TransformerED, balanced_pool, cat_frames, key_representation, sym_kl)
+from train.methods.emmr_nets import (AVT, FULL, ORDER, PAIR_SUBSETS, Fusion, FrameAE, Judge, Layout, ModalityEncoder,
+                                     TransformerED, balanced_pool, cat_frames, key_representation, subset_index,
+                                     sym_kl)
 from train.nets import CascadeResidualAE, FcClassifier, modality_valid
 
 RECONSTRUCTORS = ("tf", "ae", "cra")
@@ -124,6 +145,7 @@ class EMMR(Method):
         m = cfg["model"]
         self.w_forward = self.loss_weight("forward", 0.1)
         self.w_backward = self.loss_weight("backward", 0.1)
+        self.w_judge = self.loss_weight("judge", 1.0)
         self.backward_kind = cfg.get("loss", {}).get("backward_target", "full")
         if self.backward_kind not in ("full", "masked"):
             raise ValueError(f"emmr: loss.backward_target must be full or masked, got {self.backward_kind!r}")
@@ -164,7 +186,9 @@ class EMMR(Method):
         self.inherit(prereqs, "teacher", parts, teachers={"teacher": "encoder"})
 
     # -- the forward pass ---------------------------------------------------------------------------
-    def forward_parts(self, batch) -> dict:
+    def forward_parts(self, batch, judge_all: bool = False) -> dict:
+        """Every intermediate of one forward. ``judge_all`` (the loss): the Judge scores every sample,
+        not only those the check runs on, for its own loss."""
         layout = Layout({m: batch["x"][m].shape[1] for m in ORDER})
         present = batch["present"][:, AVT]  # (B, 3) in (v, a, t) order
         valid = cat_frames(_valid(batch))
@@ -179,10 +203,10 @@ class EMMR(Method):
              "x": x, "f": f, "dec": {"tf": d_tf}, "recovered": {"tf": torch.where(missing[..., None], d_tf, x)},
              "rep": rep, "out_f": out_f, "out": out_f}
         if self.ensemble:
-            p.update(self.key_missing(p))
+            p.update(self.key_missing(p, judge_all))
         return p
 
-    def key_missing(self, p) -> dict:
+    def key_missing(self, p, judge_all: bool = False) -> dict:
         """Eqs. 8-13, vectorised over the samples that need them: the AE / CRA recoveries and the
         check on every sample that misses one or two modalities, the ensemble where it fires."""
         present, slots, layout, x = p["present"], p["slots"], p["layout"], p["x"]
@@ -191,8 +215,14 @@ class EMMR(Method):
         check = ((n_avail >= 1) & (n_avail < 3)).nonzero().squeeze(1)
         out = {"check": check, "fire": torch.zeros(B, dtype=torch.bool, device=present.device),
                "l_full": p["out_f"].new_zeros(B, C), "l_avail": p["out_f"].new_zeros(B, C)}
+        # the Judge on I_TF: every subset's logits (B or len(check), 7, C)
+        rows = torch.arange(B, device=x.device) if judge_all else check
+        if len(rows):
+            judged = self.judge(p["recovered"]["tf"][rows], slots[rows], layout)
+            out["judge_logits"] = judged
         if not len(check):
             return out
+        jc = judged[check] if judge_all else judged
         miss, sl = p["missing"][check], slots[check]
         # the other reconstructors read the backbone's recovery (module docstring)
         src = p["recovered"]["tf"][check] if self.ensemble_input == "recovered" else x[check]
@@ -204,12 +234,8 @@ class EMMR(Method):
         rec = {j: torch.where(miss[..., None], d, x[check]) for j, d in dec.items()}
         out.update(check_dec=dec, check_recovered=rec)
 
-        qkv_tf = self.judge.project(rec["tf"])
-        n = len(check)
-        rows = torch.arange(n, device=x.device)
-        logits = self.judge(qkv_tf, torch.cat([rows, rows]), torch.cat([sl, sl]),
-                            torch.cat([torch.ones_like(present[check]), present[check]]), layout)
-        lf, la = logits.split(n)
+        lf = jc[:, FULL]  # L_vat
+        la = jc[torch.arange(len(check), device=x.device), subset_index(present[check])]  # L_avail
         out["l_full"] = out["l_full"].index_copy(0, check, lf.to(out["l_full"].dtype))
         out["l_avail"] = out["l_avail"].index_copy(0, check, la.to(out["l_avail"].dtype))
         fired = lf.argmax(-1) != la.argmax(-1)
@@ -217,15 +243,10 @@ class EMMR(Method):
         k = fired.nonzero().squeeze(1)  # positions within ``check``
         if not len(k):
             return out
-        sel = torch.zeros(3, 3, dtype=torch.bool, device=x.device)
-        for i, (u, w) in enumerate(PAIRS):
-            sel[i, u] = sel[i, w] = True
-        pair_slots, pair_sel = sl[k].repeat(3, 1), sel.repeat_interleave(len(k), 0)
-        own = torch.arange(len(k), device=x.device).repeat(3)
-        # the backbone's projection is there already; the others' are made for the fired rows only
-        qkv = {j: (qkv_tf, k.repeat(3)) if j == "tf" else (self.judge.project(rec[j][k]), own) for j in self.recon}
-        pair_logits = torch.stack([self.judge(qkv[j][0], qkv[j][1], pair_slots, pair_sel, layout).view(3, len(k), C)
-                                   for j in self.recon], 0).permute(2, 0, 1, 3)  # (fired, J, 3 pairs, C)
+        pairs = list(PAIR_SUBSETS)
+        # the backbone's pair logits are there already; the others' are made for the fired rows only
+        judged_k = {j: jc[k] if j == "tf" else self.judge(rec[j][k], sl[k], layout) for j in self.recon}
+        pair_logits = torch.stack([judged_k[j][:, pairs] for j in self.recon], 1)  # (fired, J, 3 pairs, C)
         e_key = key_representation(pair_logits)  # (fired, J, 3C)
         r = self.fusion(e_key)
         idx = check[k]
@@ -248,38 +269,38 @@ class EMMR(Method):
         with torch.no_grad():
             return cat_frames(self.teacher(batch["x_full"], _valid(batch, natural=True)))
 
-    def backward_target(self, batch, p, rows=None) -> torch.Tensor:
-        """X~ of Eq. 16 for ``rows`` (all by default): X on the available slices, the student's
-        encoding of the real modality on the missing ones (``backward_target: masked``: X)."""
-        x, missing = p["x"].detach(), p["missing"]
-        if rows is not None:
-            x, missing = x[rows], missing[rows]
+    def backward_target(self, batch, p) -> torch.Tensor:
+        """X~ of Eq. 16: the student encoder's encoding of the complete sample, computed without
+        gradient and without dropout (eval mode for this pass, its mode restored after): X on the
+        available slices, the real modality's encoding on the missing ones; ``backward_target:
+        masked``: X itself."""
         if self.backward_kind == "masked":
-            return x
-        sub = batch if rows is None else _rows(batch, rows)
-        with torch.no_grad():
-            full = cat_frames(self.encoder(sub["x_full"], _valid(sub, natural=True)))
-        return torch.where(missing[..., None], full, x)
+            return p["x"].detach()
+        was = self.encoder.training
+        self.encoder.eval()  # a target, not a sample of the dropout noise
+        try:
+            with torch.no_grad():
+                return cat_frames(self.encoder(batch["x_full"], _valid(batch, natural=True)))
+        finally:
+            self.encoder.train(was)
 
     def loss(self, batch):
         self.check_inherited()
-        p = self.forward_parts(batch)
+        p = self.forward_parts(batch, judge_all=True)
         frames = cat_frames(_valid(batch, natural=True))  # frames the complete sample has
         parts = {"ce": self.task_loss(p["out"], batch["y"]),
                  "forward": self.w_forward * sym_kl(p["f"], self.teacher_encoding(batch), frames)}
         if self.w_backward:
-            terms = [sym_kl(p["dec"]["tf"], self.backward_target(batch, p), frames)]
+            target = self.backward_target(batch, p)
+            terms = [sym_kl(p["dec"]["tf"], target, frames)]
             extra = {j: d for j, d in p.get("check_dec", {}).items() if j != "tf"}
             if extra:  # AE / CRA ran on the samples that miss a modality
                 rows = p["check"]
-                target = self.backward_target(batch, p, rows)
-                terms += [sym_kl(d, target, frames[rows]) for d in extra.values()]
+                terms += [sym_kl(d, target[rows], frames[rows]) for d in extra.values()]
             parts["backward"] = self.w_backward * torch.stack(terms).mean()
+        if self.ensemble and self.w_judge:
+            # Eqs. 8-9: each of the Judge's seven predictions on I_TF is a sentiment prediction
+            logits = p["judge_logits"]  # (B, 7, C): every sample
+            y = batch["y"].repeat_interleave(logits.shape[1])
+            parts["judge"] = self.w_judge * nn.functional.cross_entropy(logits.flatten(0, 1).float(), y)
         return sum(parts.values()), parts
-
-
-def _rows(batch: dict, rows: torch.Tensor) -> dict:
-    """The rows of a batch's tensors that the encoders read."""
-    return {"x_full": {m: v[rows] for m, v in batch["x_full"].items()},
-            "frame_mask_full": {m: v[rows] for m, v in batch["frame_mask_full"].items()},
-            "natural": batch["natural"][rows]}

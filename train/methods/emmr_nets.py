@@ -17,8 +17,19 @@ from train.nets import key_padding_mask, modality_valid  # noqa: F401  (modality
 
 ORDER = ("v", "a", "t")                      # the paper's concatenation order (Eq. 2)
 AVT = [MODALITIES.index(m) for m in ORDER]   # columns of an (a, v, t) availability array, in that order
-PAIRS = ((0, 1), (0, 2), (1, 2))             # va, vt, at (Eq. 9 and 10), as positions in ORDER
-PAIR_NAMES = ("va", "vt", "at")
+PAIR_NAMES = ("va", "vt", "at")              # Eqs. 9-11, in the order of E_key
+# The Judge's subsets (Eqs. 8-9, and the single modalities of the check with two missing), as
+# selections in ORDER: subset code c = v + 2a + 4t, at position c - 1.
+SUBSETS = tuple(tuple(bool(c >> i & 1) for i in range(3)) for c in range(1, 8))
+SUBSET_NAMES = tuple("".join(m for m, keep in zip(ORDER, sub) if keep) for sub in SUBSETS)
+FULL = SUBSET_NAMES.index("vat")                                  # L_vat
+PAIR_SUBSETS = tuple(SUBSET_NAMES.index(n) for n in PAIR_NAMES)   # L_va, L_vt, L_at
+
+
+def subset_index(select: torch.Tensor) -> torch.Tensor:
+    """Position in ``SUBSETS`` of per-row selections (n, 3) in ORDER."""
+    w = torch.tensor([1, 2, 4], device=select.device)
+    return (select.long() * w).sum(-1) - 1
 
 
 class Layout:
@@ -130,13 +141,18 @@ class FrameAE(nn.Module):
 
 
 class Judge(nn.Module):
-    """L_S = FC(MHA([I_m || ...])) for a subset S of the recovered modalities (Eqs. 8-9): one
-    attention + classifier shared by the full triple and every pair, so that their predictions
-    are on one scale. A subset is a per-row (n, 3) selection; attention and pooling read only the
-    selected modalities' slots. ``project`` computes queries, keys and values once per sequence
-    and ``forward`` runs any number of subsets on them (the check and the three pairs of one
-    sample share one projection); the output projection comes after the pooling, which is the
-    same map because the pooling weights sum to 1."""
+    """L_S = FC(MHA([I_m || ...])) for every non-empty subset S of the modalities (Eqs. 8-9): one
+    attention + classifier for the triple, the pairs and the single modalities, so that their
+    predictions are on one scale. For subset S, attention and pooling read only S's slots.
+
+    All seven subsets come from one pass: the attention scores of a sequence are computed once,
+    and per key modality m the softmax numerator N_m = sum_j exp(s_ij - c_m) v_j and denominator
+    D_m = sum_j exp(s_ij - c_m) over m's slots (c_m: the row's maximum there); subset S's attention
+    output is sum_{m in S} e^{c_m - c_S} N_m / sum_{m in S} e^{c_m - c_S} D_m, exactly the softmax
+    over S's keys (the log-sum-exp merge of flash attention). A 7-subset Judge costs about one
+    attention pass, not seven. Dropout (off by default) drops attention weights in the numerator
+    only, as dropout on normalised weights does. The output projection comes after the pooling,
+    which is the same map because the pooling weights sum to 1."""
 
     def __init__(self, d: int, heads: int, n_out: int, dropout: float):
         super().__init__()
@@ -147,21 +163,33 @@ class Judge(nn.Module):
         self.out = nn.Linear(d, d)
         self.fc = nn.Linear(d, n_out)
 
-    def project(self, seq):
+    def forward(self, seq: torch.Tensor, slots: torch.Tensor, layout: Layout) -> torch.Tensor:
+        """Logits (n, 7, C) of every subset in ``SUBSETS`` order, for sequences ``seq`` (n, T, d)
+        whose slots are ``slots`` (n, T)."""
         n, T, d = seq.shape
         q, k, v = self.qkv(seq).view(n, T, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        return q, k, v  # each (n, heads, T, d / heads)
-
-    def forward(self, qkv, rows, slots, select, layout: Layout):
-        """Logits of subset ``select`` (m, 3) over the projected sequences ``rows`` (m,), whose
-        slots are ``slots`` (m, T)."""
-        q, k, v = (t.index_select(0, rows) for t in qkv)
-        frames = slots & layout.expand(select)
-        keep = ~key_padding_mask(frames)
-        h = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=keep[:, None, None, :],
-                                                       dropout_p=self.dropout if self.training else 0.0)
-        h = h.transpose(1, 2).flatten(2)  # (m, T, d)
-        return self.fc(self.out(balanced_pool(h, frames, layout)))
+        s = (q @ k.transpose(-1, -2)) * (d // self.heads) ** -0.5  # (n, heads, T, T)
+        s = s.masked_fill(~slots[:, None, None, :], float("-inf"))
+        num, den, top = [], [], []
+        for sl in layout.slices:
+            part = s[..., sl]
+            c = part.amax(-1, keepdim=True).detach()  # -inf where no slot; the result does not depend on c
+            w = torch.exp(part - torch.where(c.isfinite(), c, torch.zeros_like(c)))
+            den.append(w.sum(-1, keepdim=True))
+            if self.training and self.dropout:
+                w = nn.functional.dropout(w, self.dropout)
+            num.append(w @ v[..., sl, :])
+            top.append(c)
+        pooled, tiny = [], torch.finfo(num[0].dtype).tiny
+        for sub in SUBSETS:
+            ms = [i for i in range(3) if sub[i]]
+            c = torch.stack([top[i] for i in ms]).amax(0)
+            c = torch.where(c.isfinite(), c, torch.zeros_like(c))
+            scale = {i: torch.exp(top[i] - c) for i in ms}
+            h = sum(scale[i] * num[i] for i in ms) / sum(scale[i] * den[i] for i in ms).clamp_min(tiny)
+            frames = slots & layout.expand(torch.tensor(sub, device=slots.device).expand(n, 3))
+            pooled.append(balanced_pool(h.transpose(1, 2).flatten(2), frames, layout))  # (n, d)
+        return self.fc(self.out(torch.stack(pooled, 1)))  # (n, 7, C)
 
 
 def pair_weights(pair_logits: torch.Tensor) -> torch.Tensor:
