@@ -134,27 +134,29 @@ def test_runs_for_any_width_and_length(T):
     loss, parts = m.loss(b)
     loss.backward()
     assert set(parts) == {"task", "score", "rec"} and all(torch.isfinite(v) for v in parts.values())
-    # modalities of different lengths: the condition is resampled to the missing one's length
-    assert m.predict(_batch(0, lengths={"a": 23, "v": 9, "t": 40})).shape == (len(AVAIL), 1)
+    # modalities of different lengths share no step axis for the frame-wise condition: refused
+    with pytest.raises(ValueError, match="aligned source or set data.resample_to"):
+        m.predict(_batch(0, lengths={"a": 23, "v": 9, "t": 40}))
 
 
 def test_available_modalities_pass_through_and_missing_ones_are_recovered():
     m = _model().eval()
     b = _batch(40)
-    feats, _ = m.features(b["x"], b)
+    feats, valid = m.features(b["x"], b)
     with torch.no_grad():
-        out, _, _ = m.complete(feats, b["present"], "test")
+        out, ok, _, _ = m.complete(feats, valid, b["present"], "test")
     for i, k in enumerate(MODALITIES):
         keep = b["present"][:, i]
-        assert torch.equal(out[k][keep], feats[k][keep])
+        assert torch.equal(out[k][keep], feats[k][keep]) and torch.equal(ok[k][keep], valid[k][keep])
         assert not torch.equal(out[k][~keep], feats[k][~keep])  # zeros replaced by a recovery
+        assert not valid[k][~keep].any() and ok[k][~keep].all()  # the recovery is a complete sequence
 
 
 def test_the_condition_steers_the_recovery():
     m = _model().eval()
     b = _batch(40)
-    feats, _ = m.features(b["x"], b)
-    cond = m.condition(feats, b["present"], "a", feats["a"].shape[1])
+    feats, valid = m.features(b["x"], b)
+    cond, _ = m.condition(feats, valid, b["present"], "a")
     with torch.no_grad():
         torch.manual_seed(5)
         r1 = m.draw("a", cond, "test")
@@ -164,6 +166,103 @@ def test_the_condition_steers_the_recovery():
         r2 = m.draw("a", cond + 1.0, "test")
     assert torch.equal(r1, r1b)                  # same noise, same condition: same recovery
     assert (r1 - r2).abs().mean() > 1e-3         # another condition: another recovery
+
+
+def _raw(T, seed):
+    """An unmasked batch of T frames, with random frame masks and lengths (before availability)."""
+    g = torch.Generator().manual_seed(seed)
+    B = len(AVAIL)
+    fm = {m: torch.rand(B, T, generator=g) < 0.8 for m in MODALITIES}
+    x = {m: torch.randn(B, T, SPEC.dims[m], generator=g) * fm[m][..., None] for m in MODALITIES}
+    return {"x": x, "frame_mask": fm, "natural": torch.ones(B, 3, dtype=torch.bool), "y": torch.randn(B, generator=g),
+            "lengths": {m: torch.full((B,), T) for m in MODALITIES}}
+
+
+def _replaced(raw, m, rows, length, seed):
+    """``raw`` with modality ``m`` of ``rows`` replaced: other frames, ``length`` valid ones."""
+    g = torch.Generator().manual_seed(seed)
+    b = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
+    x, fm, ln = b["x"][m].clone(), b["frame_mask"][m].clone(), b["lengths"][m].clone()
+    T = x.shape[1]
+    fm[rows] = torch.arange(T)[None] < length
+    x[rows] = torch.randn(x[rows].shape, generator=g) * 30 * fm[rows][..., None]
+    ln[rows] = length
+    b["x"][m], b["frame_mask"][m], b["lengths"][m] = x, fm, ln
+    return b
+
+
+@pytest.mark.parametrize("m", MODALITIES)
+def test_a_masked_modality_reaches_no_prediction(m):
+    """Its frames, its true length (1 or all 500 frames) and its frame mask change nothing: the
+    backbone reads the masked frame mask, and the recovered sequence is valid where its condition
+    is; ``x_full`` & co. stay in the batch (the evaluator removes them; predict must not need that)."""
+    model = _model().eval()
+    raw = _raw(500, seed=1)
+    avail = np.ones((len(AVAIL), 3), bool)
+    rows = np.array([True, True, True, False, False, False])
+    avail[rows, MODALITIES.index(m)] = False
+
+    def predict(b):
+        torch.manual_seed(0)  # the sampler's noise
+        with torch.no_grad():
+            return model.predict(dict(apply_availability(b, avail), phase="test"))
+
+    ref = predict(raw)
+    for length, seed in ((1, 2), (500, 3)):
+        assert torch.equal(predict(_replaced(raw, m, torch.as_tensor(rows), length, seed)), ref), (m, length)
+    # the modality matters where it is present (so the test can fail)
+    assert not torch.equal(predict(_replaced(raw, m, torch.as_tensor(~rows), 500, 4)), ref)
+
+
+def test_an_aligned_source_keeps_every_step_in_place(tmp_path):
+    """MMSA aligned_50: text has L < 50 valid tokens, audio and video 50 steps. A batch keeps the
+    50 positions of every modality: audio, video and text step k all come from stored position k
+    (text padding zeroed and invalid, not dropped and the rest stretched)."""
+    from fixtures_corpora import make_mmsa
+
+    from manifests.datasets import load_manifest
+    from manifests.importers import open_imported
+    from manifests.importers.mmsa import import_mmsa
+    from train.config import load_config
+    from train.data import DataError, MultimodalData, Normalizer
+    from train.run import build_data
+
+    pkl = tmp_path / "aligned_50.pkl"
+    raw = make_mmsa(pkl, "mosi", aligned=True, sizes=(4, 2, 2))
+    name, _ = import_mmsa(pkl, dataset="t-imder-steps")
+    cfg = load_config("imder", name)
+    assert cfg["data"]["resample_to"] == 50 and cfg["data"].get("invalid_frames", "drop") == "drop"
+    manifest, stores = load_manifest(name), open_imported(name)
+    stored = {s: {i.replace("$_$", "_"): k for k, i in enumerate(raw[s]["id"])} for s in raw}
+    for data in (build_data(manifest, stores, cfg),  # in memory, and read per batch:
+                 MultimodalData.from_stores(manifest, stores, memory_budget=0, resample_to=50)):
+        assert data.aligned and data.steps == 50
+        b = data.collate(np.arange(len(data)))
+        for row, uid in enumerate(b["ids"]):
+            split = next(s for s in stored if uid in stored[s])
+            d, i = raw[split], stored[split][uid]
+            tok = d["text_bert"][i][1] > 0
+            assert 5 <= tok.sum() < 50
+            audio = np.where(np.isfinite(d["audio"][i]), d["audio"][i], 0)
+            for k in range(50):  # step k of every modality is stored position k
+                np.testing.assert_array_equal(b["x"]["a"][row, k].numpy(), audio[k])
+                np.testing.assert_array_equal(b["x"]["v"][row, k].numpy(), d["vision"][i][k])
+                np.testing.assert_array_equal(b["x"]["t"][row, k].numpy(), d["text"][i][k] if tok[k] else 0 * d["text"][i][k])
+            assert b["frame_mask"]["t"][row].numpy().tolist() == tok.tolist()
+            assert (int(b["lengths"]["t"][row]), int(b["lengths"]["a"][row])) == (tok.sum(), 50)  # up to the last valid step
+            assert bool(b["frame_mask"]["a"][row].all() and b["frame_mask"]["v"][row].all())
+        # statistics from valid positions only: the padding's zeros are no text frames
+        norm = Normalizer.fit(data, np.arange(len(data)), ["t"])
+        frames = np.concatenate([raw[s]["text"][i][raw[s]["text_bert"][i][1] > 0] for s in raw for i in range(len(raw[s]["id"]))])
+        np.testing.assert_allclose(norm.mean["t"], frames.mean(0), rtol=1e-4, atol=1e-5)
+    # resample_to other than the stored step count would stretch the source: refused
+    with pytest.raises(DataError, match="aligned source of 50 steps"):
+        build_data(manifest, stores, {**cfg, "data": {**cfg["data"], "resample_to": 16}})
+    # an unaligned source is unchanged: padding dropped, sequences resampled
+    upkl = tmp_path / "unaligned_50.pkl"
+    make_mmsa(upkl, "mosi", aligned=False, sizes=(2, 1, 1))
+    uname, _ = import_mmsa(upkl, dataset="t-imder-unaligned")
+    assert not build_data(load_manifest(uname), open_imported(uname), cfg).aligned
 
 
 def test_frozen_projections_get_no_gradient_and_the_rest_learns():
@@ -191,7 +290,8 @@ def test_ablations_drop_their_part(recovery, parts):
 # ---- end to end: the prerequisite, inheritance, the missing-rate protocol, seeded evaluation ----------
 
 TINY = {"model.proj": {"d": 12, "kernel": 3}, "model.backbone.levels": 1, "model.backbone.heads": 4,
-        "train.epochs": 2, "train.batch_size": 8, "data.resample_to": 10,
+        "train.epochs": 2, "train.batch_size": 8, "data.resample_to": None,  # aligned: kept at 50 steps ...
+        "data.max_len": {"a": 12, "v": 12, "t": 12},  # ... of which the first 12 (a cut keeps positions)
         "eval.conditions": ["mr=0.0", "mr=0.3", "mr=0.6"]}
 TINY_IMDER = {**TINY, "model.score": _cfg()["model"]["score"], "model.refine": {"blocks": 1},
               "model.sampler": _cfg()["model"]["sampler"], "select.conditions": ["mr=0.3"]}

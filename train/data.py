@@ -11,7 +11,9 @@ Normalisation statistics come from the training fold only (``Normalizer.fit(data
 Non-finite frames (NaN/Inf in a store) are invalid frames, handled by ``data.invalid_frames``
 like frames without a face, and the utterances are named in a warning: no NaN reaches a model.
 ``data.resample_to: T`` gives every modality T frames (linear interpolation), ``data.target``
-the task (``train.targets``).
+the task (``train.targets``). An aligned source (store attr ``aligned``, MMSA's aligned_50) is
+never stretched: step k of every modality is stored position k, invalid positions are zeroed in
+place and False in ``frame_mask`` (see ``MultimodalData._aligned_steps``).
 
 A batch is a dict::
 
@@ -64,15 +66,18 @@ class DataSpec:
 
 class Sequences:
     """One modality of N utterances: utterance i's frames are ``data[offsets[i]:offsets[i]+lengths[i]]``
-    (length 0 = absent). In memory, or read through ``reader(i) -> (T, D)`` when lazy."""
+    (length 0 = absent). In memory, or read through ``reader(i) -> (T, D)`` when lazy.
+    ``valid``: where invalid frames keep their positions (an aligned source), their validity: an
+    (F,) bool array along ``data``, or ``valid(i) -> (T,)`` when lazy; None = every frame valid."""
 
     def __init__(self, data: np.ndarray | None, offsets: np.ndarray, lengths: np.ndarray, dim: int,
-                 reader=None):
+                 reader=None, valid=None):
         self.data = data
         self.offsets = np.asarray(offsets, dtype=np.int64)
         self.lengths = np.asarray(lengths, dtype=np.int64)
         self.dim = int(dim)
         self.reader = reader
+        self.valid = valid
         if data is None and reader is None:
             raise ValueError("Sequences need in-memory data or a reader")
 
@@ -103,6 +108,16 @@ class Sequences:
             o = self.offsets[i]
             return self.data[o:o + self.lengths[i]]
         return self.reader(i)
+
+    def frame_valid(self, i: int) -> np.ndarray:
+        """(T,) validity of utterance i's frames."""
+        n = int(self.lengths[i])
+        if self.valid is None or n == 0:
+            return np.ones(n, bool)
+        if callable(self.valid):
+            return np.asarray(self.valid(i), bool)[:n]
+        o = self.offsets[i]
+        return self.valid[o:o + n]
 
     def nbytes(self) -> int:
         return int(self.lengths.sum()) * self.dim * 4
@@ -136,7 +151,7 @@ class Normalizer:
             n_tot, mean, m2 = 0, np.zeros(s.dim), np.zeros(s.dim)
             rows = train_idx[s.lengths[train_idx] > 0]
             for start in range(0, len(rows), chunk):
-                block = [s.seq(i) for i in rows[start:start + chunk]]
+                block = [s.seq(i)[s.frame_valid(i)] if s.valid is not None else s.seq(i) for i in rows[start:start + chunk]]
                 x = np.concatenate(block).astype(np.float64)
                 n_b, mean_b = len(x), x.mean(0)
                 m2_b = ((x - mean_b) ** 2).sum(0)
@@ -169,7 +184,7 @@ class MultimodalData:
 
     def __init__(self, ids: list[str], y, seqs: dict[str, Sequences], labels: list[str] | None = None,
                  task: str = "classification", signature: str | None = None, max_len: dict | None = None,
-                 fixed_len: bool = False, resample_to: int | None = None):
+                 fixed_len: bool = False, resample_to: int | None = None, aligned: bool = False):
         self.ids = list(ids)
         self.index = {u: i for i, u in enumerate(self.ids)}
         if len(self.index) != len(self.ids):
@@ -189,25 +204,53 @@ class MultimodalData:
         self.max_len = {m: int(v) for m, v in (max_len or {}).items() if v}
         self.fixed_len = fixed_len
         self.resample_to = int(resample_to) if resample_to else None
+        self.aligned = bool(aligned)
+        self.steps = self._aligned_steps() if self.aligned else None
         self.signature = signature or self._content_signature()
         self.access_log: list[np.ndarray] | None = None  # set to [] to record every collated row
+
+    def _aligned_steps(self) -> int:
+        """An aligned source (``aligned``: every modality's step k is the same stored position k,
+        e.g. MMSA's aligned_50) has one step count: each present modality of an utterance has as
+        many steps (invalid ones keep their place, ``Sequences.valid``). A batch keeps those
+        positions: nothing is stretched or dropped (``data.invalid_frames`` does not apply),
+        every modality is padded to the common count, and ``resample_to`` must be that count."""
+        ln = np.stack([self.seqs[m].lengths for m in MODALITIES], 1)
+        steps = int(ln.max()) if ln.size else 1
+        bad = ((ln > 0) & (ln != ln.max(1, keepdims=True))).any(1)
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            raise DataError(f"{self.ids[i]!r}: an aligned source, yet its modalities have "
+                            f"{dict(zip(MODALITIES, ln[i].tolist()))} steps; re-import it")
+        if self.resample_to and self.resample_to != steps:
+            raise DataError(f"data.resample_to {self.resample_to} would stretch an aligned source of {steps} steps, "
+                            f"whose modalities already share one step axis: set it to {steps} or leave it unset")
+        return steps
 
     # ---- construction ----------------------------------------------------------------------------
     @classmethod
     def from_arrays(cls, ids, y, seqs: dict[str, list], labels=None, task="classification",
                     masks: dict[str, list] | None = None, invalid_frames: str = "drop",
-                    dims: dict[str, int] | None = None, **kw) -> "MultimodalData":
+                    dims: dict[str, int] | None = None, aligned: bool = False, **kw) -> "MultimodalData":
         """``seqs[m]`` is a list of (T, D) arrays (or None = absent) per utterance; ``masks[m]`` an
         optional list of (T,) bool frame-validity masks (False = e.g. no face in that frame);
-        ``dims[m]`` the feature width, needed only when every sequence of ``m`` is None."""
+        ``dims[m]`` the feature width, needed only when every sequence of ``m`` is None.
+        ``aligned``: the modalities share one step axis; invalid frames are zeroed in place."""
         out = {}
         for m in MODALITIES:
             lst = list(seqs[m])
             mk = (masks or {}).get(m)
+            if aligned:
+                kept = [_positions_kept(None if x is None else np.asarray(x, np.float32), None if mk is None else mk[j])
+                        for j, x in enumerate(lst)]
+                out[m] = Sequences.from_list([x for x, _ in kept], (dims or {}).get(m))
+                parts = [ok for _, ok in kept if ok is not None]
+                out[m].valid = np.concatenate(parts) if parts else None
+                continue
             lst = [apply_mask(None if x is None else np.asarray(x, np.float32), None if mk is None else mk[j],
                               invalid_frames) for j, x in enumerate(lst)]
             out[m] = Sequences.from_list(lst, (dims or {}).get(m))
-        return cls(ids, y, out, labels=labels, task=task, **kw)
+        return cls(ids, y, out, labels=labels, task=task, aligned=aligned, **kw)
 
     @classmethod
     def from_stores(cls, manifest, stores: dict, *, invalid_frames: str = "drop",
@@ -228,18 +271,21 @@ class MultimodalData:
         ids = [u.id for u in utts]
         budget = memory_budget if memory_budget is not None else _default_budget()
         seqs, keys = {}, {}
+        by_m = {m: stores.get(m, stores.get(STORE_MODALITY[m])) for m in MODALITIES}
+        # an aligned source (MMSA aligned_50: the importer's store attr) keeps every step in place
+        aligned = all(st is not None and _attrs(st).get("aligned") is True for st in by_m.values())
         for m in MODALITIES:
-            store = stores.get(m, stores.get(STORE_MODALITY[m]))
+            store = by_m[m]
             if store is None:
                 raise DataError(f"no feature store for modality {STORE_MODALITY[m]!r}; "
                                 "extract it first (imer features) or name it in the method config's features")
-            seqs[m] = _sequences_from_store(store, ids, invalid_frames, budget)
+            seqs[m] = _sequences_from_store(store, ids, "keep" if aligned else invalid_frames, budget)
             budget -= seqs[m].nbytes() if seqs[m].in_memory else 0
             attrs = _attrs(store)
             keys[m] = attrs.get("key") or attrs.get("name") or str(getattr(store, "path", ""))
         sig = _hash({"ids": ids, "features": keys, "invalid_frames": invalid_frames, "y": [float(v) for v in y],
-                     "counts": {m: int(s.lengths.sum()) for m, s in seqs.items()}})
-        return cls(ids, y, seqs, labels=labels, task=task, signature=sig, **kw)
+                     "counts": {m: int(s.lengths.sum()) for m, s in seqs.items()}, **({"aligned": True} if aligned else {})})
+        return cls(ids, y, seqs, labels=labels, task=task, signature=sig, aligned=aligned, **kw)
 
     def _content_signature(self) -> str:
         h = hashlib.blake2b(digest_size=12)
@@ -286,11 +332,15 @@ class MultimodalData:
         for m in MODALITIES:
             s = self.seqs[m]
             ln, cap = self._capped(idx, m), self.max_len.get(m)
-            if self.resample_to:
+            if self.aligned:
+                arr, valid = self._positions(s, idx, ln, cap)
+            elif self.resample_to:
                 arr, valid = self._resampled(s, idx, ln)
             else:
                 arr, valid = self._padded(s, idx, ln, cap)
             eff = self.frames(idx, m)  # an absent modality is one zero frame
+            if self.aligned and valid.shape[1]:  # trailing invalid positions (text padding) are not read
+                eff = np.where(valid.any(1), valid.shape[1] - valid[:, ::-1].argmax(1), 1)
             if normalizer is not None and m in normalizer.mean:
                 arr = (arr - normalizer.mean[m]) / normalizer.std[m]
             arr = np.where(valid[..., None], arr, 0)  # padding and absent frames exactly zero (selection)
@@ -302,8 +352,8 @@ class MultimodalData:
                 "present": natural.clone(), "y": torch.from_numpy(self.y[idx]),
                 "index": torch.from_numpy(idx), "ids": [self.ids[i] for i in idx]}
 
-    def _padded(self, s: Sequences, idx, ln, cap):
-        T = self.fixed_length(s, cap) or (int(np.maximum(ln, 1).max()) if len(idx) else 1)
+    def _padded(self, s: Sequences, idx, ln, cap, T: int | None = None):
+        T = T or self.fixed_length(s, cap) or (int(np.maximum(ln, 1).max()) if len(idx) else 1)
         t = np.arange(T)
         valid = t[None, :] < ln[:, None]
         if s.in_memory and len(s.data):
@@ -313,6 +363,21 @@ class MultimodalData:
         for b, i in enumerate(idx):
             if ln[b]:
                 arr[b, : ln[b]] = s.seq(i)[: ln[b]]
+        return arr, valid
+
+    def _positions(self, s: Sequences, idx, ln, cap):
+        """An aligned source: step k of every modality is stored position k, invalid positions
+        zero and False in the frame mask; every modality padded to the common step count (a
+        ``max_len`` cut drops trailing steps only, so the kept ones stay in place)."""
+        T = min(self.steps, cap) if cap else self.steps
+        arr, valid = self._padded(s, idx, ln, cap, T)
+        if s.valid is None or not valid.any():
+            return arr, valid
+        if not callable(s.valid):
+            rows = np.where(valid, s.offsets[idx][:, None] + np.arange(T)[None, :], 0)
+            return arr, valid & s.valid[rows]
+        for b, i in enumerate(idx):
+            valid[b, : ln[b]] &= s.frame_valid(i)[: ln[b]]
         return arr, valid
 
     def fixed_length(self, s: Sequences, cap: int | None) -> int | None:
@@ -349,9 +414,10 @@ class MultimodalData:
 
     def frames(self, idx, m: str) -> np.ndarray:
         """Frames modality ``m`` of rows ``idx`` takes in a batch (after max_len / resample_to;
-        an absent modality is one frame)."""
+        an absent modality is one frame; an aligned source: its stored steps, of which a batch's
+        ``lengths`` count those up to the last valid one)."""
         ln = self._capped(idx, m)
-        if self.resample_to:
+        if self.resample_to and not self.aligned:  # an aligned source is never resampled
             ln = np.where(ln > 0, self.resample_to, 0)
         return np.maximum(ln, 1)
 
@@ -390,7 +456,9 @@ class MultimodalData:
             real = total = 0
             for r in rows:
                 ln = self.frames(r, m)
-                T = self.fixed_length(self.seqs[m], self.max_len.get(m)) or int(ln.max())
+                cap = self.max_len.get(m)
+                T = ((min(self.steps, cap) if cap else self.steps) if self.aligned
+                     else self.fixed_length(self.seqs[m], cap) or int(ln.max()))
                 real, total = real + int(ln.sum()), total + T * len(r)
             out[m] = 1 - real / total if total else 0.0
             dim = (dims or {}).get(m, self.seqs[m].dim)
@@ -437,6 +505,19 @@ def apply_mask(seq, mask, invalid_frames: str):
     if invalid_frames == "zero":
         return np.where(mask[:, None], seq, 0).astype(np.float32) if mask.any() else seq[:0]
     raise DataError(f"data.invalid_frames must be 'drop' or 'zero', got {invalid_frames!r}")
+
+
+def _positions_kept(seq, mask):
+    """(``seq`` with invalid frames (``mask`` False, non-finite) zeroed in place, its (T,) validity);
+    (None, None) when absent or no frame is valid."""
+    if seq is None:
+        return None, None
+    ok = np.isfinite(seq).all(1) if len(seq) else np.ones(0, bool)
+    if mask is not None:
+        ok = ok & np.asarray(mask, dtype=bool)
+    if not ok.any():
+        return None, None
+    return np.where(ok[:, None], seq, 0).astype(np.float32), ok
 
 
 def _finite_mask(data, mask, ids, offsets, lengths, store):
@@ -506,7 +587,10 @@ def _sequences_from_store(store, ids: list[str], invalid_frames: str, budget: in
             data = data.copy()
         mask = None if ld.mask is None else np.asarray(ld.mask, bool)
         mask = _finite_mask(data, mask, ld.ids, offsets, lengths, store)
-        if mask is not None and invalid_frames == "zero":
+        valid = None
+        if invalid_frames == "keep" and mask is not None:  # aligned: zeroed in place, validity kept
+            valid = mask
+        if mask is not None and invalid_frames in ("zero", "keep"):
             data = np.where(mask[:, None], data, 0).astype(np.float32)
             # keep the frames, but an utterance with no valid frame at all is absent
             cs = np.concatenate([[0], np.cumsum(mask, dtype=np.int64)])
@@ -518,7 +602,7 @@ def _sequences_from_store(store, ids: list[str], invalid_frames: str, budget: in
         ok = (sel >= 0) & np.array([u not in failed for u in ids])
         off = np.where(ok, offsets[np.maximum(sel, 0)], 0) if len(offsets) else np.zeros(len(ids), np.int64)
         ln = np.where(ok, lengths[np.maximum(sel, 0)], 0) if len(lengths) else np.zeros(len(ids), np.int64)
-        return Sequences(data, off, ln, dim)
+        return Sequences(data, off, ln, dim, valid=valid)
 
     # Too large for memory: read each utterance when a batch needs it (FeatureStore: store[id], store.mask(id)).
     have = set(store.ids()) - failed
@@ -530,6 +614,11 @@ def _sequences_from_store(store, ids: list[str], invalid_frames: str, budget: in
 
     def reader(i: int, _ids=ids, _store=store) -> np.ndarray:
         x = np.asarray(_store[_ids[i]], np.float32)
-        return apply_mask(x, _store.mask(_ids[i]), invalid_frames)
+        return apply_mask(x, _store.mask(_ids[i]), "zero" if invalid_frames == "keep" else invalid_frames)
 
-    return Sequences(None, np.zeros(len(ids), np.int64), lengths, dim, reader=reader)
+    def valid(i: int, _ids=ids, _store=store) -> np.ndarray:
+        x = np.asarray(_store[_ids[i]], np.float32)
+        return np.asarray(_store.mask(_ids[i]), bool) & np.isfinite(x).all(1)
+
+    return Sequences(None, np.zeros(len(ids), np.int64), lengths, dim, reader=reader,
+                     valid=valid if invalid_frames == "keep" else None)

@@ -39,7 +39,8 @@ class VESDE:
 
     def marginal_std(self, t: torch.Tensor | float) -> torch.Tensor:
         t = torch.as_tensor(t, dtype=torch.float32)
-        return torch.sqrt((self.sigma ** (2 * t) - 1.0) / (2.0 * self.log_sigma))
+        # sigma^(2t) - 1 as expm1: in float32 the difference loses ~3 digits at t ~ 1e-5
+        return torch.sqrt(torch.expm1(2.0 * self.log_sigma * t) / (2.0 * self.log_sigma))
 
     def diffusion(self, t: torch.Tensor | float) -> torch.Tensor:
         return self.sigma ** torch.as_tensor(t, dtype=torch.float32)

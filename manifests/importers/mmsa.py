@@ -10,8 +10,10 @@ A pickle holds ``train``/``valid``/``test``, each a dict with ``id`` (``<video>$
 - Ids become ``<video>_<segment>`` (the MOSI/MOSEI recipes' ids); the original is ``extra.mmsa_id``.
 - Text frames are the 50 BERT positions, masked by the attention mask (padding = invalid frames).
 - Aligned audio/vision keep all 50 word-aligned steps (what IMDer reads); unaligned ones are cut
-  to their lengths. Non-finite audio values (COVAREP's -inf) are set to 0, as MMSA does; the
-  number replaced is kept in the entry's info.
+  to their lengths. Every store carries the attr ``aligned``; when all three say True,
+  ``train.data`` keeps each step at its position (text padding zeroed and marked invalid, never
+  dropped or stretched), so step k of every modality is the same word. Non-finite audio values
+  (COVAREP's -inf) are set to 0, as MMSA does; the number replaced is kept in the entry's info.
 - Pickles can run code when loaded: this reader only accepts numpy arrays and plain containers.
 """
 

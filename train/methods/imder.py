@@ -24,10 +24,18 @@ missingness is drawn per sample (the code: per batch, from lookup tables); the c
 is independent of the target's (the code reused the target's z during training, a shortcut the
 sampler never sees); samplers stop at t_end (see ``train.diffusion``); ``model.sampler`` gives
 one sampler per phase (train / val / test: the training-time draw feeds the refinement decoder,
-as in the paper, and costs ``steps`` score evaluations per missing modality and batch); the
-condition is resampled to the missing modality's length when the lengths differ. Ablations
+as in the paper, and costs ``steps`` score evaluations per missing modality and batch). Ablations
 (Table 3): ``model.recovery.score: false`` (the refinement decoder recovers from the condition
 alone), ``refine: false`` (the sample is used as it is), both false (missing stays zero).
+
+Steps and validity. The condition fuses modalities frame by frame, so every modality must share
+one step axis: an aligned source (MMSA aligned_50, whose steps ``train.data`` keeps in place) or
+``data.resample_to``; other batches are refused. The backbone's validity comes from the masked
+``frame_mask`` (a missing modality has no valid frame); a recovered modality is fed to MulT as a
+complete sequence on that axis (as in the paper), valid wherever its condition is (some available
+modality has a valid frame there: every step when audio or video is available). So nothing of a
+missing modality's own frames, length or frame mask reaches a prediction; ``x_full`` /
+``frame_mask_full`` are read only for the training target.
 """
 
 from __future__ import annotations
@@ -69,13 +77,6 @@ class IMDerPretrain(Method):
         return task, {"task": task}
 
 
-def _to_length(x: torch.Tensor, T: int) -> torch.Tensor:
-    """(B, T', d) linearly resampled to T steps (unchanged when T' == T)."""
-    if x.shape[1] == T:
-        return x
-    return F.interpolate(x.transpose(1, 2), size=T, mode="linear", align_corners=True).transpose(1, 2)
-
-
 @register
 class IMDer(IMDerPretrain):
     name = "imder"
@@ -103,16 +104,24 @@ class IMDer(IMDerPretrain):
     def attach(self, prereqs):
         self.inherit(prereqs, "pretrained", ["proj", "backbone"])
 
+    def features(self, x: dict, batch: dict) -> tuple[dict, dict]:
+        steps = {m: x[m].shape[1] for m in MODALITIES}
+        if len(set(steps.values())) != 1:
+            raise ValueError(f"imder recovers a missing modality on the step axis of the available ones: every modality "
+                             f"needs the same number of steps (got {steps}); use an aligned source or set data.resample_to")
+        return super().features(x, batch)
+
     # -- recovery ------------------------------------------------------------------------------------
-    def condition(self, feats: dict, present: torch.Tensor, m: str, T: int) -> torch.Tensor:
-        """(B, T, d) condition for recovering ``m``: the two others fused, or the one available."""
+    def condition(self, feats: dict, valid: dict, present: torch.Tensor, m: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, T, d) condition for recovering ``m`` (the two others fused, or the one available)
+        and its (B, T) validity (a step where an available modality has a valid frame)."""
         i, j = [k for k in MODALITIES if k != m]
-        xi, xj = _to_length(feats[i], T), _to_length(feats[j], T)
-        pi = present[:, MODALITIES.index(i)].view(-1, 1, 1)
-        pj = present[:, MODALITIES.index(j)].view(-1, 1, 1)
+        xi, xj = feats[i], feats[j]
+        pi, pj = present[:, MODALITIES.index(i)].view(-1, 1), present[:, MODALITIES.index(j)].view(-1, 1)
         fused = self.cond_fuse[m](torch.cat([xi, xj], -1).transpose(1, 2)).transpose(1, 2)
-        single = torch.where(pi, xi, torch.zeros_like(xi)) + torch.where(pj, xj, torch.zeros_like(xj))
-        return torch.where(pi & pj, fused, single)
+        single = torch.where(pi[..., None], xi, torch.zeros_like(xi)) + torch.where(pj[..., None], xj, torch.zeros_like(xj))
+        cond = torch.where((pi & pj)[..., None], fused, single)
+        return cond, (valid[i] & pi) | (valid[j] & pj)
 
     def score_fn(self, m: str, cond: torch.Tensor):
         """s_m(x, t | condition at t), for (n, d, T) inputs; cond (n, T, d)."""
@@ -138,19 +147,20 @@ class IMDer(IMDerPretrain):
             x = self.refine[m](x)
         return x.transpose(1, 2)
 
-    def complete(self, feats: dict, present: torch.Tensor, phase: str, gt: dict | None = None):
-        """Features with every missing modality recovered, plus (training, ``gt`` given) the
-        summed score-matching and reconstruction losses."""
-        out, b = dict(feats), len(present)
+    def complete(self, feats: dict, valid: dict, present: torch.Tensor, phase: str, gt: dict | None = None):
+        """Features and validity with every missing modality recovered (valid where its condition
+        is), plus (training, ``gt`` given) the summed score-matching and reconstruction losses."""
+        out, ok, b = dict(feats), dict(valid), len(present)
         score_loss = rec_loss = feats[MODALITIES[0]].new_zeros(())
         for i, m in enumerate(MODALITIES):
             rows = torch.nonzero(~present[:, i]).view(-1)
             if len(rows) == 0:
                 continue
-            T = feats[m].shape[1]
-            cond = self.condition(feats, present, m, T)[rows]
+            cond, cond_valid = self.condition(feats, valid, present, m)
+            cond = cond[rows]
             rec = self.draw(m, cond, phase)
             out[m] = feats[m].index_put((rows,), rec.to(feats[m].dtype))
+            ok[m] = valid[m].index_put((rows,), cond_valid[rows])
             if gt is None:
                 continue
             has = gt["natural"][rows, i]  # ground truth exists (not absent from the recording)
@@ -162,12 +172,12 @@ class IMDer(IMDerPretrain):
                 score_loss = score_loss + per.sum() / b
             if self.use_refine:
                 rec_loss = rec_loss + F.mse_loss(rec[has].float(), truth.float())
-        return out, score_loss, rec_loss
+        return out, ok, score_loss, rec_loss
 
     def represent(self, batch):
         """The MulT backbone's fused representation of the completed set, its output layer's input."""
         feats, valid = self.features(batch["x"], batch)
-        feats, _, _ = self.complete(feats, batch["present"], batch.get("phase", "test"))
+        feats, valid, _, _ = self.complete(feats, valid, batch["present"], batch.get("phase", "test"))
         return self.backbone.joint(feats, valid)
 
     def predict(self, batch):
@@ -176,10 +186,10 @@ class IMDer(IMDerPretrain):
     def loss(self, batch):
         self.check_inherited()
         feats, valid = self.features(batch["x"], batch)
-        with torch.no_grad():
+        with torch.no_grad():  # the unmasked sample: only the recovery target
             truth, _ = self.proj(batch["x_full"], batch["frame_mask_full"])
-        feats, score_loss, rec_loss = self.complete(feats, batch["present"], "train",
-                                                    {"feats": truth, "natural": batch["natural"]})
+        feats, valid, score_loss, rec_loss = self.complete(feats, valid, batch["present"], "train",
+                                                           {"feats": truth, "natural": batch["natural"]})
         task = self.task_loss(self.backbone(feats, valid), batch["y"])
         parts = {"task": task}
         if self.use_score:
