@@ -23,7 +23,7 @@ from pathlib import Path
 from pipeline.cache import config_hash
 from pipeline.fsutil import atomic_write_json, safe_name
 from train import protocols
-from train.config import list_configs, load_config
+from train.config import everywhere, list_configs, load_config
 
 DEFAULT_METHODS = ["baseline", "baseline-aug", "mmin", "if-mmin", "emmr", "cm-arr", "imder"]
 COLUMNS = [*protocols.expand("conditions"), *protocols.expand("missing-rate"), *protocols.expand("missing-ratio")]
@@ -44,7 +44,8 @@ class Job:
 @dataclass
 class Context:
     """What a worker needs to rebuild the data: a dataset name (stores read from the cache) or a
-    ready MultimodalData (tests), the folds, and the overrides every config gets."""
+    ready MultimodalData (tests), the folds, and the overrides (a plain key reaches every config,
+    prerequisites included; ``CONFIG:KEY`` the config named, train.config)."""
 
     dataset: str
     folds: list
@@ -59,7 +60,7 @@ class Context:
     progress: bool = False
 
     def config(self, name: str) -> dict:
-        return load_config(name, self.dataset, {**self.overrides, "eval.conditions": COLUMNS})
+        return load_config(name, self.dataset, {**everywhere(self.overrides), "eval.conditions": COLUMNS})
 
     def run_dir(self, method: str) -> Path:
         from train.run import results_root
@@ -116,8 +117,7 @@ def run_job(job: Job, ctx: Context, *_deps) -> dict:
     fold = next(f for f in ctx.folds if f.name == job.fold)
     run_dir = ctx.run_dir(job.method)
     exp = Experiment(data, ctx.folds, cfg, run_dir, dataset=ctx.dataset, device=ctx.device,
-                     root=results_root(ctx.results_dir), prereq_overrides={"*": ctx.overrides},
-                     progress=False, log=lambda *_: None)
+                     root=results_root(ctx.results_dir), progress=False, log=lambda *_: None)
     out = run_dir / "folds" / safe_name(job.fold) / f"seed{job.seed}"
     done_before = (out / "result.json").is_file()
     t0 = time.perf_counter()

@@ -17,7 +17,7 @@ from pipeline.fsutil import safe_name
 from train import protocols
 from train.metrics import NAMES
 from train.report import ReportError, comparability, differences
-from train.results import collect, finished
+from train.results import collect, differing_test_ids, finished, run_name
 
 REFERENCES = ("baseline-aug", "mmin")
 ALPHA = 0.05
@@ -90,13 +90,16 @@ def pairs_needed(gap: float, sd: float, power: float = POWER, alpha: float = ALP
 
 
 def _check_comparable(runs: dict[str, Path]) -> None:
-    keys = {m: comparability(json.loads((d / "run.json").read_text())) for m, d in runs.items()}
+    """A ReportError naming the first run that differs from the first method's, and in what."""
+    keys = {m: comparability(json.loads((d / "run.json").read_text()), d) for m, d in runs.items()}
     first = next(iter(keys))
     for m, k in keys.items():
         diff = differences(keys[first], k)
         if diff:
-            raise ReportError(f"{m}'s run differs from {first}'s in {', '.join(diff)}; a comparison needs "
-                              "identical features, folds, seeds and task")
+            ids = differing_test_ids(keys[first]["test ids"], k["test ids"], run_name(runs[first]), run_name(runs[m]))
+            what = ", ".join(f"test ids ({ids})" if w == "test ids" else w for w in diff)
+            raise ReportError(f"{m}'s run differs from {first}'s in {what}; a comparison needs "
+                              "identical features, folds, test ids, seeds and task")
 
 
 def write_report(out_dir: Path, runs: dict[str, Path], info: dict, data_for=None, device: str = "cpu") -> str:
@@ -115,9 +118,10 @@ def write_report(out_dir: Path, runs: dict[str, Path], info: dict, data_for=None
     doc = [f"# Comparison on {info['dataset']} ({info['id']})", "",
            f"Features: {_features(meta)}. Folds: {', '.join(info['folds'])}. Seeds: "
            f"{', '.join(map(str, info['seeds']))}. Task: {task}. Every method, its prerequisites included, "
-           f"read these features and was tested on the same masks (protocol masks depend on utterance, "
-           f"protocol and seed only). Test {NAMES[metric]}, mean ± std over {len(info['folds']) * len(info['seeds'])} "
-           f"fold × seed pairs. This invocation: {info['wall_s']:.0f} s with {info['workers']} worker(s), "
+           f"read these features and was tested on the same test ids (checked fold by fold) and masks (protocol "
+           f"masks depend on the split's ids and their natural presence, the protocol and the seed). "
+           f"Test {NAMES[metric]}, mean ± std over {len(info['folds']) * len(info['seeds'])} fold × seed pairs. "
+           f"This invocation: {info['wall_s']:.0f} s with {info['workers']} worker(s), "
            f"{info.get('reused_jobs', 0)} of {len(info.get('job_time_s', {}))} jobs already finished (reused).", ""]
     for kind, cols in protocols.groups(columns):
         doc += [f"## {kind}", "", _table(sc, cols, columns), ""]

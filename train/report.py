@@ -2,8 +2,9 @@
 Table-5-style Markdown tables (``results/<dataset>/report.md``) and bar charts (``report.png``).
 
 Only comparable runs share a table: runs are grouped by what their numbers depend on besides the
-method (features, fold protocol, folds, seeds, task and labels). ``methods=`` asks for one table of
-the named methods and refuses, in one line, runs that differ.
+method (features, fold protocol, folds, seeds, task and labels, and the test ids each fold was
+tested on: ``train.results.run_test_ids``). ``methods=`` asks for one table of the named methods and
+refuses, in one line, runs that differ.
 """
 
 from __future__ import annotations
@@ -17,12 +18,9 @@ import yaml
 from pipeline.fsutil import safe_name
 from train.config import report_order
 from train.metrics import NAMES
-from train.results import collect, markdown_table, plot_conditions, summarize
+from train.results import (ReportError, collect, differing_test_ids, markdown_table, merge_test_ids, plot_conditions,
+                           run_name, run_test_ids, summarize)
 from train.run import eval_columns, newest_complete, read_runs, results_root
-
-
-class ReportError(ValueError):
-    """Runs that cannot be put in one table; the message says what differs."""
 
 
 def latest_runs(dataset: str, results_dir=None, run_id: str | None = None) -> dict[str, Path]:
@@ -38,23 +36,34 @@ def latest_runs(dataset: str, results_dir=None, run_id: str | None = None) -> di
     return {m: runs[m] for m in report_order([m for m, d in runs.items() if d is not None])}
 
 
-def comparability(meta: dict) -> dict:
-    """What a run's numbers depend on besides the method: two runs share a table only if equal."""
+def comparability(meta: dict, run_dir: Path | None = None) -> dict:
+    """What a run's numbers depend on besides the method: two runs share a table only if they do
+    not differ (``differences``). Given the run's folder, the test ids of each fold too."""
     feats = meta.get("features") or {}
-    return {"features": {m: (f or {}).get("key") or (f or {}).get("name") for m, f in sorted(feats.items())},
-            "fold protocol": meta.get("protocol"), "folds": meta.get("folds"), "seeds": meta.get("seeds"),
-            "task": meta.get("task"), "labels": meta.get("labels")}
+    key = {"features": {m: (f or {}).get("key") or (f or {}).get("name") for m, f in sorted(feats.items())},
+           "fold protocol": meta.get("protocol"), "folds": meta.get("folds"), "seeds": meta.get("seeds"),
+           "task": meta.get("task"), "labels": meta.get("labels")}
+    if run_dir is not None:
+        key["test ids"] = run_test_ids(run_dir)
+    return key
 
 
-def describe(key: dict) -> str:
+def describe(key: dict, ids: bool = False) -> str:
     feats = ", ".join(f"{m} {k}" for m, k in key["features"].items())
     folds = key["folds"] or []
-    return (f"features {feats or '?'}; folds {key['fold protocol']} ({len(folds)}: {', '.join(map(str, folds))}); "
+    text = (f"features {feats or '?'}; folds {key['fold protocol']} ({len(folds)}: {', '.join(map(str, folds))}); "
             f"seeds {', '.join(map(str, key['seeds'] or []))}; task {key['task']}")
+    if ids:  # groups that differ in test ids alone
+        sets = key["test ids"].items()
+        text += "; test ids " + ", ".join(f"{f} {t['n']} ({(t['hash'] or '?')[:8]})" for f, t in sets)
+    return text
 
 
 def differences(a: dict, b: dict) -> list[str]:
-    return [k for k in a if a[k] != b[k]]
+    """The entries of two comparability keys that differ; test ids differ only where both runs
+    record them and they disagree (``train.results.differing_test_ids``)."""
+    return [k for k in a if (differing_test_ids(a[k], b.get(k, {})) is not None if k == "test ids"
+                             else a[k] != b.get(k))]
 
 
 def _load(run_dir: Path) -> tuple[dict, dict]:
@@ -65,17 +74,40 @@ def _load(run_dir: Path) -> tuple[dict, dict]:
 
 
 def grouped(runs: dict[str, Path]) -> list[tuple[dict, dict[str, Path]]]:
-    """[(comparability key, {method: run})] in order of first appearance."""
+    """[(comparability key, {method: run})] in order of first appearance; a group's "test ids" is
+    what its members record of them together."""
     out: list[tuple[dict, dict[str, Path]]] = []
     for method, d in runs.items():
-        key = comparability(_load(d)[0])
+        key = comparability(_load(d)[0], d)
         for k, members in out:
-            if k == key:
+            if not differences(k, key):
                 members[method] = d
+                k["test ids"] = merge_test_ids(k["test ids"], key["test ids"])
                 break
         else:
             out.append((key, {method: d}))
     return out
+
+
+def _refusal(groups) -> str:
+    """One line: how the first two groups' runs differ, naming them."""
+    (k0, g0), (k1, g1) = groups[0], groups[1]
+    m0, m1 = next(iter(g0)), next(iter(g1))
+    diff = differences(k0, k1)
+    what = "; ".join(f"{w}: {k0[w]} ({m0}) vs {k1[w]} ({m1})" for w in diff if w != "test ids")
+    if what:
+        return (f"cannot put these runs in one table, they differ in {what}; retrain one of them with the "
+                "other's settings (imer train ... --set / --folds / --seeds)")
+    # the same settings, other test ids: name the two runs that disagree
+    t1 = run_test_ids(g1[m1])
+    for m, d in g0.items():
+        line = differing_test_ids(run_test_ids(d), t1, run_name(d), run_name(g1[m1]))
+        if line:
+            break
+    else:  # only the group's pooled record disagrees
+        line = differing_test_ids(k0["test ids"], t1, "the runs of " + ", ".join(g0), run_name(g1[m1]))
+    return (f"cannot put these runs in one table, they were tested on different test ids: {line}; retrain "
+            "one of them on the other's manifest and folds (imer train ... --manifest / --protocol / --folds)")
 
 
 def report(dataset: str, results_dir=None, write: bool = True, methods=None, run_id: str | None = None) -> str:
@@ -102,18 +134,16 @@ def report(dataset: str, results_dir=None, write: bool = True, methods=None, run
                 f"train one first: imer train --dataset {dataset} --method baseline{again}")
     groups = grouped(runs)
     if methods and len(groups) > 1:
-        (k0, g0), (k1, g1) = groups[0], groups[1]
-        what = "; ".join(f"{w}: {k0[w]} ({next(iter(g0))}) vs {k1[w]} ({next(iter(g1))})" for w in differences(k0, k1))
-        raise ReportError(f"cannot put these runs in one table, they differ in {what}; retrain one of them "
-                          "with the other's settings (imer train ... --set / --folds / --seeds)")
+        raise ReportError(_refusal(groups))
     out, doc = [], [f"# {dataset}: every method's {f'run {run_id}' if run_id else 'latest run'}", "",
                     "Test results, mean ± std over folds × seeds; each condition keeps the listed modalities; "
                     "Average = mean of the six missing-modality conditions (MR / η average: of the nonzero "
-                    "rates / ratios). Only runs with the same features, folds, seeds and task share a table.", ""]
+                    "rates / ratios). Only runs with the same features, folds, test ids, seeds and task share "
+                    "a table.", ""]
     for gi, (key, members) in enumerate(groups):
         rows, notes, metric, task = _group_rows(members)
         table = markdown_table(rows, task)
-        head = describe(key)
+        head = describe(key, ids=any(differences(k, key) == ["test ids"] for k, _ in groups if k is not key))
         out += ([f"## {head}", ""] if len(groups) > 1 else []) + [table, "", *notes, ""]
         doc += [f"## {head}", "", table, "", *notes, ""]
         if write:

@@ -1,6 +1,14 @@
 """Run outputs: per fold / seed / test column metrics (JSON, CSV), Markdown tables laid out like
 MMIN's Table 5 (mean ± std over folds x seeds; one table per protocol, its columns and average
-from ``train.protocols``), training curves and a per-column bar chart."""
+from ``train.protocols``), training curves and a per-column bar chart.
+
+Which test ids a result was tested on is part of what its numbers mean: the protocols' masks are
+allocated by rank over the split (``train.protocols``), so the same fold name over another set of
+ids (another manifest or fold file, a subset) gives other masks as well as other utterances.
+result.json records ``test_ids``, an order-free hash of the ids tested (``ids_hash``); for runs
+written before it, the hash is taken from the ids predictions.npz saved, else only the count
+``n.test`` is known. ``run_test_ids`` and ``differing_test_ids`` are how reports refuse to mix them.
+"""
 
 from __future__ import annotations
 
@@ -9,11 +17,16 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.cache import config_hash
 from pipeline.fsutil import safe_name
 from train import protocols
 from train.metrics import NAMES, table_metrics
 
 AVERAGE = protocols.AVERAGE[protocols.FIXED]  # mean over the six missing conditions, per fold x seed first
+
+
+class ReportError(ValueError):
+    """Runs (or results) that cannot be put in one table; the message says what differs."""
 
 
 def listed(run_dir: Path, name: str) -> list[Path]:
@@ -44,6 +57,78 @@ def collect(run_dir: Path, columns=None) -> list[dict]:
         for r in out:
             r["test"] = {c: m for c, m in r["test"].items() if c in keep}
     return out
+
+
+def ids_hash(ids) -> str:
+    """Order-free hash of utterance ids: result.json's ``test_ids``."""
+    return config_hash(sorted(str(u) for u in ids), 16)
+
+
+def job_test_ids(job: Path, res: dict) -> dict:
+    """{"n": number, "hash": ids_hash} of the test ids one fold x seed was tested on: from
+    result.json's ``test_ids``, else from the ids its predictions.npz saved (older runs), else the
+    count alone (hash None; both None when nothing says)."""
+    n, h = (res.get("n") or {}).get("test"), res.get("test_ids")
+    pred = Path(job) / "predictions.npz"
+    if h is None and pred.is_file():
+        try:
+            with np.load(pred) as z:
+                if "ids" in z.files:
+                    ids = z["ids"]
+                    n, h = len(ids), ids_hash(ids)
+        except (OSError, ValueError):  # unreadable: the count is all there is
+            pass
+    return {"n": n, "hash": h}
+
+
+def _differ(a: dict, b: dict) -> bool:
+    """Two ``job_test_ids`` records name different test ids (unknown parts are not compared)."""
+    return (a["hash"] is not None and b["hash"] is not None and a["hash"] != b["hash"]) or \
+        (a["n"] is not None and b["n"] is not None and a["n"] != b["n"])
+
+
+def _ids_text(t: dict) -> str:
+    return f"{'?' if t['n'] is None else t['n']} test ids (hash {t['hash'] or 'not recorded'})"
+
+
+def run_test_ids(run_dir: Path) -> dict[str, dict]:
+    """{fold: ``job_test_ids`` record} of the finished fold x seed results a run lists; a ReportError
+    when two seeds of one fold were tested on different ids (a stale result left in the folder)."""
+    out: dict[str, dict] = {}
+    first: dict[str, int] = {}
+    for d, r in finished(run_dir):
+        t, f = job_test_ids(d, r), r["fold"]
+        if f not in out:
+            out[f], first[f] = t, r["seed"]
+        elif _differ(out[f], t):
+            raise ReportError(f"{run_name(run_dir)}: fold {f} seed {r['seed']} was tested on {_ids_text(t)}, "
+                              f"seed {first[f]} on {_ids_text(out[f])}; rerun it (or remove {d})")
+        else:
+            out = merge_test_ids(out, {f: t})
+    return out
+
+
+def merge_test_ids(a: dict, b: dict) -> dict:
+    """Two agreeing ``run_test_ids`` as one: every fold of either, with what either knows of it."""
+    out = {f: dict(t) for f, t in a.items()}
+    for f, t in b.items():
+        out[f] = {k: v if out.get(f, {}).get(k) is None else out[f][k] for k, v in t.items()}
+    return out
+
+
+def run_name(run_dir: Path) -> str:
+    return f"{Path(run_dir).parent.name}'s run {Path(run_dir).name}"
+
+
+def differing_test_ids(a: dict, b: dict, name_a: str = "one run", name_b: str = "the other") -> str | None:
+    """None when two runs' ``run_test_ids`` agree on every fold both have, else one line saying
+    where they differ, e.g. "fold f1: 16 test ids (hash 1a2b...) in baseline's run vs 12 test ids
+    (hash 9f8e...) in mmin's run". Unrecorded parts are not compared (a run with neither hash nor
+    count passes)."""
+    for f in a:
+        if f in b and _differ(a[f], b[f]):
+            return f"fold {f}: {_ids_text(a[f])} in {name_a} vs {_ids_text(b[f])} in {name_b}"
+    return None
 
 
 def table_columns(results: list[dict]) -> list[tuple[str, list[str]]]:

@@ -34,9 +34,10 @@ from pipeline.cache import config_hash
 from pipeline.device import torch_threads
 from pipeline.fsutil import atomic_write_json, atomic_write_text, safe_name
 from train import metrics, protocols
-from train.config import ConfigError, load_config
+from train.config import DESCRIPTIVE, ConfigError, by_scope, check_chain, check_overrides, for_chain, load_config
+from train.config import with_prerequisites
 from train.data import MultimodalData, Normalizer
-from train.results import listed, write_run_outputs
+from train.results import ids_hash, listed, write_run_outputs
 
 
 def results_root(root: str | Path | None = None) -> Path:
@@ -46,10 +47,6 @@ def results_root(root: str | Path | None = None) -> Path:
 
 def _ids_hash(ids) -> str:
     return config_hash(sorted(ids), 16)
-
-
-# Config keys that do not change a trained model: seeds, test columns, catalogue entries.
-DESCRIPTIVE = ("seeds", "dataset_override", "eval", "report")
 
 
 def eval_columns(cfg: dict) -> list[str]:
@@ -102,9 +99,8 @@ class Experiment:
     """One run directory: trains the selected folds x seeds of one config, with prerequisites."""
 
     def __init__(self, data: MultimodalData, folds: list, cfg: dict, run_dir: Path, *, dataset: str,
-                 device: str = "cpu", root: Path | None = None, prereq_overrides: dict | None = None,
-                 progress: bool = True, callbacks=(), log=print, workers: int = 1, cluster=None,
-                 threads: int | None = None):
+                 device: str = "cpu", root: Path | None = None, progress: bool = True, callbacks=(),
+                 log=print, workers: int = 1, cluster=None, threads: int | None = None):
         self.data = data
         self.threads = threads
         self.folds = folds
@@ -115,7 +111,6 @@ class Experiment:
         self.dataset = dataset
         self._device = device  # "auto" is resolved (importing torch) only when a fold has work
         self.root = results_root(root)
-        self.prereq_overrides = prereq_overrides or {}
         self.progress = progress
         self.callbacks = list(callbacks)
         self.log = log
@@ -180,6 +175,7 @@ class Experiment:
         preds = dict(np.load(pred_path)) if pred_path.is_file() else {}
         preds.update({f"{c}_{k}": v for c, r in test.items() for k, v in r.items()})
         preds["ids"] = np.array([self.data.ids[i] for i in te])
+        res["test_ids"] = ids_hash(preds["ids"])  # reports refuse to mix runs tested on other ids
         np.savez_compressed(pred_path, **preds)
         task = self.data.task
         res["test"].update({c: metrics.compute(task, r["y"], r["out"]) for c, r in test.items()})
@@ -218,22 +214,21 @@ class Experiment:
     def prerequisite(self, name: str, cfg: dict, fold, seed: int):
         """The trained ``name`` model for this fold and seed: from this run's prereq/ folder, else
         copied from an earlier run of ``name`` (or another run's prerequisite) with the same config
-        and data, else trained now."""
+        and data, else trained now. Its config is the one ``cfg`` records (``prerequisites``), so
+        the method's signature covers what its prerequisite was trained with."""
         from train.methods import get
 
-        # resolved for the same per-dataset settings as the method built on it
-        key = (cfg.get("dataset_override") or {}).get("dataset") or self.dataset
-        po = self.prereq_overrides
-        pcfg = load_config(name, key, {**po.get("*", {}), **po.get(name, {})})
-        for section in ("features", "data"):
-            if pcfg.get(section) != cfg.get(section):
-                raise ConfigError(f"train/configs/{name}.yaml: its '{section}' section differs from "
-                                  f"{cfg['name']}'s, but {cfg['name']} builds on it; make them equal")
+        pcfg = (cfg.get("prerequisites") or {}).get(name)
+        if pcfg is None:
+            raise ConfigError(f"{cfg['name']}: its config records no resolved prerequisite {name!r}; "
+                              "resolve it with train.config.load_config (or with_prerequisites)")
+        check_chain({**cfg, "prerequisites": {name: pcfg}})
         for part in get(pcfg["method"]).exports:  # the weights the method may load from its prerequisite
             mine, theirs = cfg.get("model", {}).get(part), pcfg.get("model", {}).get(part)
             if mine is not None and theirs is not None and mine != theirs:
                 raise ConfigError(f"train/configs/{name}.yaml: model.{part} differs from {cfg['name']}'s, whose "
-                                  f"weights it loads; set the same value for both (--set applies to {cfg['name']} only)")
+                                  f"weights it loads; set the same value for both (--set '*:model.{part}...', "
+                                  f"or {name}:model.{part}... next to {cfg['name']}'s)")
         sig = fold_signature(pcfg, self.data, fold, seed)
         pdir = self.run_dir / "prereq" / safe_name(name) / safe_name(fold.name) / f"seed{seed}"
         if self.finished(name, fold, seed, sig, pdir) is None:
@@ -380,7 +375,10 @@ def run_experiment(data: MultimodalData, folds: list, cfg: dict, *, dataset: str
                    prereq_overrides: dict | None = None, progress: bool = True, callbacks=(),
                    log=print, workers: int = 1, cluster=None, threads: int | None = None) -> Path:
     """Train ``cfg`` on every selected fold x seed of ``data`` (``workers`` > 1: in parallel worker
-    processes; ``threads``: torch threads on CPU, default 1); returns the run directory."""
+    processes; ``threads``: torch threads on CPU, default 1); returns the run directory.
+    ``prereq_overrides`` ({config | "*": {key: value}}) change the prerequisites ``cfg`` records,
+    before anything is hashed."""
+    cfg = with_prerequisites(cfg, dataset, prereq_overrides)
     folds = select_folds(folds, fold_select)
     seeds = parse_seeds(seeds) or parse_seeds(cfg.get("seeds", [0]))
     root = results_root(results_dir)
@@ -412,7 +410,7 @@ def run_experiment(data: MultimodalData, folds: list, cfg: dict, *, dataset: str
     meta = {"dataset": dataset, "method": cfg["name"], "run_id": run_dir.name, "config_hash": cfg_hash,
             **(meta or {})}
     exp = Experiment(data, folds, cfg, run_dir, dataset=dataset, device=device, root=root,
-                     prereq_overrides=prereq_overrides, progress=progress, callbacks=callbacks, log=log,
+                     progress=progress, callbacks=callbacks, log=log,
                      workers=workers, cluster=cluster, threads=threads)
     table = exp.run(seeds, meta)
     log(f"\n{cfg['name']} on {dataset} — {run_dir}\n{table}")
@@ -471,30 +469,41 @@ def train_method(dataset: str, method: str, folds=None, seeds=None, device: str 
     """Extract what is missing, train ``method`` on every fold x seed of ``dataset``, evaluate every
     condition and write ``results/<dataset>/<method>/<run-id>/``; returns that directory. On CPU,
     training uses ``threads`` torch threads (default 1, see ``cpu_threads``); ``workers`` > 1 trains
-    the folds x seeds in that many worker processes of one thread each (``cluster``: one to share)."""
+    the folds x seeds in that many worker processes of one thread each (``cluster``: one to share).
+    ``overrides``: plain keys change ``method`` (``features.*``, ``data.*`` the whole chain),
+    ``CONFIG:KEY`` the config of that name in its chain, ``*:KEY`` all (train.config);
+    ``prereq_overrides`` ({config | "*": {key: value}}) change the prerequisites only ("*": every
+    one). The command line also refuses plain keys a prerequisite reads (``check_overrides``)."""
     from manifests.datasets import manifest_and_folds
     from pipeline.device import resolve_device
 
-    cfg = load_config(method, dataset, overrides)
-    prereq_overrides = prerequisite_overrides(overrides, prereq_overrides)
+    cfg = with_prerequisites(load_config(method, dataset, overrides), dataset, prereq_overrides)
+    check_overrides([cfg], overrides, plain_everywhere=True)  # a CONFIG: outside the chain is a typo
+    check_chain(cfg)  # before any feature is extracted
     dev = device if device == "auto" else resolve_device(device)  # auto: resolved when a fold has work
     man, proto, fold_list = manifest_and_folds(dataset, data_root, manifest,
                                                protocol or cfg.get("fold_protocol"))  # CLI, else the config's
     stores = ensure_stores(dataset, cfg, dev, None, manifest, workers=workers)  # the manifest built above
     data = build_data(man, stores, cfg)
     meta = {"protocol": proto, "features": store_description(stores),
-            "manifest": str(man.path) if man.path else None, "argv": sys.argv}
+            "manifest": str(man.path) if man.path else None, "argv": sys.argv, "overrides": for_chain(cfg, overrides)}
+    if prereq_overrides:
+        meta["prereq_overrides"] = prereq_overrides
     return run_experiment(data, fold_list, cfg, dataset=dataset, fold_select=folds, seeds=seeds, device=dev,
-                          results_dir=results_dir, run_id=run_id, resume=resume, meta=meta,
-                          prereq_overrides=prereq_overrides, progress=progress, log=log,
-                          workers=workers, cluster=cluster, threads=threads)
+                          results_dir=results_dir, run_id=run_id, resume=resume, meta=meta, progress=progress,
+                          log=log, workers=workers, cluster=cluster, threads=threads)
 
 
 def prerequisite_overrides(overrides: dict | None, per_prereq: dict | None = None) -> dict:
-    """Overrides for prerequisites: ``features.*`` and ``data.*`` reach every one ("*"), since a
-    method and what it builds on read the same data; the rest applies to the method only."""
-    shared = {k: v for k, v in (overrides or {}).items() if k.split(".")[0] in ("features", "data")}
-    return {"*": shared, **(per_prereq or {})}
+    """What of flat ``--set`` ``overrides`` reaches the prerequisites, as {"*" | config: {key:
+    value}}: ``features.*``, ``data.*`` and ``*:KEY`` reach every one ("*"), ``CONFIG:KEY`` the
+    config named; other plain keys stay with the method. ``per_prereq`` is merged in."""
+    scoped = by_scope(overrides)
+    out = {"*": {**{k: v for k, v in scoped.get(None, {}).items() if k.split(".")[0] in ("features", "data")},
+                 **scoped.get("*", {})}}
+    for c, o in [*((c, o) for c, o in scoped.items() if c not in (None, "*")), *(per_prereq or {}).items()]:
+        out[c] = {**out.get(c, {}), **o}
+    return out
 
 
 def cpu_threads(device: str, n: int | None = None):

@@ -28,8 +28,10 @@ def add_arguments(p) -> None:
                    help="LocalCluster worker processes (default: the CPU cores, at most 4; 1 with --device cuda)")
     p.add_argument("--scheduler", help="address of a running dask scheduler instead of a LocalCluster")
     p.add_argument("--device", default="cpu", help="cpu | cuda (default cpu: one job per worker)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value for every method, e.g. train.batch_size=16")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="[CONFIG:]KEY=VALUE",
+                   help="override a config value for every method and prerequisite, e.g. train.batch_size=16; "
+                        "CONFIG:KEY=VALUE for the config of that name only (baseline:model.init=kaiming), "
+                        "wherever it trains (repeatable)")
     p.add_argument("--data-root", help="raw corpus directory")
     p.add_argument("--manifest", help="manifest file (own corpus)")
     p.add_argument("--results", help="results root (default $IMER_RESULTS or ./results)")
@@ -38,8 +40,8 @@ def add_arguments(p) -> None:
 
 def main(args) -> int:
     from pipeline.cluster import default_workers
-    from train.compare import compare
-    from train.config import ConfigError, parse_override
+    from train.compare import DEFAULT_METHODS, compare
+    from train.config import ConfigError, check_overrides, list_configs, load_config, parse_override
     from train.data import DataError
     from train.protocols import ProtocolError
     from train.report import ReportError
@@ -52,6 +54,9 @@ def main(args) -> int:
 
             features = feature_set(args.features)
         methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
+        if overrides:  # a CONFIG: naming no config of the compared chains is refused, not ignored
+            names = [m for m in methods or DEFAULT_METHODS if m in list_configs()]
+            check_overrides([load_config(m, args.dataset) for m in names], overrides, plain_everywhere=True)
         out = compare(args.dataset, methods, features=features, overrides=overrides, folds=args.folds,
                       seeds=args.seeds, workers=args.workers or default_workers(args.device),
                       scheduler=args.scheduler, device=args.device,

@@ -7,12 +7,20 @@ run. Examples:
 
   imer train --dataset demo --method mmin
   imer train --dataset iemocap --data-root /data/IEMOCAP_full_release --method baseline --folds 1,2 --seeds 0
-  imer train --dataset demo --method baseline,baseline-aug,mmin --set train.batch_size=64
+  imer train --dataset demo --method baseline,baseline-aug,mmin --set '*:train.batch_size=64'
+  imer train --dataset demo --method mmin --set loss.cycle=0 --set baseline:train.clip_grad_norm=5.0
   imer train --dataset demo --method baseline-aug --eval missing-rate      # MR 0.0 ... 0.7
   imer train --dataset demo --method baseline-aug --eval conditions --eval missing-ratio=0.1,0.3
 
+--set KEY=VALUE changes the method; --set CONFIG:KEY=VALUE the config of that name in its chain (a
+prerequisite, such as MMIN's baseline, or the method); --set '*:KEY=VALUE' every config of the
+chain. features.* and data.* always reach the whole chain. A plain KEY that a prerequisite reads
+too (train.*, select.*, or a key its config holds) is refused, naming the prerequisite: say which
+configs it is meant for.
+
 A finished model is never trained twice: a fold x seed with the same config and data is reused
-(also across runs), and only test columns it lacks are evaluated.
+(also across runs), and only test columns it lacks are evaluated; a method's config records its
+prerequisites' configs, so a model built on a differently trained prerequisite is never reused.
 """
 
 from __future__ import annotations
@@ -33,8 +41,10 @@ def add_arguments(p) -> None:
                    help="test protocol(s), replacing the config's eval.conditions: conditions (the 7 fixed), "
                         "missing-rate (MR 0..0.7), missing-ratio (eta 0..0.5), with optional parameters "
                         "(missing-rate=0.1,0.5) or column ids (a,vt,mr=0.3); repeatable")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. train.batch_size=64 (repeatable)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="[CONFIG:]KEY=VALUE",
+                   help="override a config value of the method (train.batch_size=64), of one config of its "
+                        "chain (baseline:model.init=kaiming) or of every one ('*:train.batch_size=64'); "
+                        "features.* and data.* reach the whole chain (repeatable)")
     p.add_argument("--results", help="results root (default $IMER_RESULTS or ./results)")
     p.add_argument("--run-id", help="name of the run folder (default: timestamp + config hash)")
     p.add_argument("--fresh", action="store_true", help="start a new run folder instead of resuming an unfinished one or "
@@ -57,7 +67,8 @@ def main(args) -> int:
     from pipeline.commands.manifest import own_options
     from pipeline.fsutil import UnsafeCheckpoint
     from pipeline.store import StoreError
-    from train.config import ConfigError, feature_set, list_configs, parse_override
+    from train.config import ConfigError, check_overrides, feature_set, for_chain, list_configs, load_config
+    from train.config import parse_override
     from train.data import DataError
     from train.protocols import ProtocolError, expand
     from pipeline.cluster import Cluster
@@ -83,19 +94,15 @@ def main(args) -> int:
             load_manifest(args.dataset, args.data_root, args.manifest, **own_options(args))  # later reads reuse it
         if args.eval:
             overrides["eval.conditions"] = [c for e in args.eval for c in expand(e)]
+        cfgs = [load_config(m, args.dataset, overrides) for m in methods]
+        check_overrides(cfgs, overrides)  # before anything is extracted or trained
         cluster = Cluster(args.workers)  # one for every listed method, started when first needed
-        for m in methods:
-            prereq = None
-            if args.features:  # a prerequisite (MMIN's baseline) must train on the same features
-                from train.config import load_config
-
-                prereq = {p: {"features": overrides["features"]}
-                          for p in (load_config(m, args.dataset).get("requires") or {}).values()}
+        for m, cfg in zip(methods, cfgs):
             train_method(args.dataset, m, folds=args.folds, seeds=args.seeds, device=args.device,
                          data_root=args.data_root, manifest=args.manifest, protocol=args.protocol,
-                         results_dir=args.results, run_id=args.run_id, overrides=overrides,
+                         results_dir=args.results, run_id=args.run_id, overrides=for_chain(cfg, overrides),
                          resume=not args.fresh, progress=not args.no_progress, threads=args.threads,
-                         prereq_overrides=prereq, workers=args.workers, cluster=cluster)
+                         workers=args.workers, cluster=cluster)
         cluster.close()
     except (ConfigError, DataError, ManifestError, FileNotFoundError, StoreError, UnsafeCheckpoint,
             ExtractorUnavailable, ProtocolError) as e:
