@@ -302,7 +302,8 @@ def plot_tsne(runs: dict[str, Path], data_for, info: dict, path: Path, device: s
             reps = representations(method, data, idx, ["avt", column], norm, seed, device)
         if reps is None or len(idx) < 4:
             continue
-        shown[m] = (reps, data.y[idx], protocols.masks(column, [data.ids[i] for i in idx], seed))
+        seen = protocols.masks(column, [data.ids[i] for i in idx], seed, data.natural[idx]) & data.natural[idx]
+        shown[m] = (reps, data.y[idx], seen)
     if not shown:
         return None
     import matplotlib
