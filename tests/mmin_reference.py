@@ -15,6 +15,16 @@ from torch import nn
 MODALITIES = ("a", "v", "t")  # the fused vector's order (MMIN Eq. 1: a, v, t)
 
 
+def hooked(fn, hooks):
+    """``fn()`` without gradient, then the forward ``hooks`` removed (whatever happens)."""
+    try:
+        with torch.no_grad():
+            return fn()
+    finally:
+        for h in hooks:
+            h.remove()
+
+
 def linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     return x @ layer.weight.T + layer.bias
 

@@ -209,12 +209,7 @@ def test_teachers_read_reversed_and_full_input(data):
     seen = {k: [] for k in C.MODALITIES}
     hooks = [m.teacher.enc[k].register_forward_pre_hook(lambda _, a, k=k: seen[k].append([t.clone() for t in a]))
              for k in C.MODALITIES]
-    try:
-        with torch.no_grad():
-            m.loss(b)
-    finally:
-        for hd in hooks:
-            hd.remove()
+    R.hooked(lambda: m.loss(b), hooks)
     nat = R.natural(data, ROWS)
     for j, k in enumerate(C.MODALITIES):
         assert len(seen[k]) == 2, k

@@ -182,12 +182,7 @@ def test_mmin_cra_residual_wiring(data):
     hooks.append(m.imagine.transition.register_forward_hook(R.recorder(rec, "head_in", "head")))
     hooks.append(m.classifier.register_forward_hook(R.recorder(rec, "clf")))
     hooks.append(m.imagine_back.encoders[0].register_forward_hook(R.recorder(rec, "back")))
-    try:
-        with torch.no_grad():
-            m.loss(b)
-    finally:
-        for hd in hooks:
-            hd.remove()
+    R.hooked(lambda: m.loss(b), hooks)
     h = R.fuse(R.embed(m.encoders, data, ROWS, R.natural(data, ROWS) & AVAIL))
     ins, outs = rec["in"], rec["out"]
     assert len(ins) == len(outs) == 5
