@@ -328,3 +328,24 @@ def test_unknown_invalid_frames_value_is_refused():
 
     with pytest.raises(ConfigError, match="invalid_frames must be drop or zero"):
         build_data(None, {}, {"data": {"invalid_frames": "dorp"}})
+
+
+def test_a_damaged_predictions_file_is_retested_not_lost(data, tmp_path):
+    """A kill during the write of predictions.npz (issue 42) left a half-written file that failed
+    every later resume: the write is atomic now, and a damaged file found on resume is computed
+    again from the selected model (one line says so), without retraining."""
+    folds = synthetic_folds(data, 2)[:1]
+    logs: list[str] = []
+    kw = {"dataset": "synth", "results_dir": tmp_path, "progress": False, "log": logs.append, "run_id": "r"}
+    run = run_experiment(data, folds, _cfg(), **kw)
+    job = run / "folds" / "f1" / "seed0"
+    good = dict(np.load(job / "predictions.npz"))
+    stamp = (job / "best.pt").stat().st_mtime_ns
+    raw = (job / "predictions.npz").read_bytes()
+    (job / "predictions.npz").write_bytes(raw[: len(raw) // 2])  # as a kill mid-write would leave it
+    assert not list(job.glob(".*.tmp"))  # the atomic write left no temporary file behind
+    run_experiment(data, folds, _cfg(), **kw)
+    assert any("predictions.npz is damaged" in line for line in logs)
+    again = dict(np.load(job / "predictions.npz"))
+    assert set(again) == set(good) and all(np.array_equal(good[k], again[k]) for k in good)
+    assert (job / "best.pt").stat().st_mtime_ns == stamp  # retested, not retrained

@@ -20,11 +20,13 @@ run has finished, it returns that run (its table) and writes nothing.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +34,7 @@ import yaml
 
 from pipeline.cache import config_hash
 from pipeline.device import torch_threads
-from pipeline.fsutil import atomic_write_json, atomic_write_text, safe_name
+from pipeline.fsutil import atomic_write_bytes, atomic_write_json, atomic_write_text, safe_name
 from train import metrics, protocols
 from train.config import DESCRIPTIVE, ConfigError, by_scope, check_chain, check_overrides, for_chain, load_config
 from train.config import with_prerequisites
@@ -172,11 +174,13 @@ class Experiment:
         val = (evaluate(best, self.data, va, todo, norm, bs, self.device, amp, seed=seed, phase="val")
                if cfg.get("eval", {}).get("validation") else {})  # every column on val too: only when asked
         pred_path = out_dir / "predictions.npz"
-        preds = dict(np.load(pred_path)) if pred_path.is_file() else {}
+        preds = read_predictions(pred_path) or {}
         preds.update({f"{c}_{k}": v for c, r in test.items() for k, v in r.items()})
         preds["ids"] = np.array([self.data.ids[i] for i in te])
         res["test_ids"] = ids_hash(preds["ids"])  # reports refuse to mix runs tested on other ids
-        np.savez_compressed(pred_path, **preds)
+        buf = io.BytesIO()  # written whole or not at all: a kill mid-write leaves the old file
+        np.savez_compressed(buf, **preds)
+        atomic_write_bytes(pred_path, buf.getvalue())
         task = self.data.task
         res["test"].update({c: metrics.compute(task, r["y"], r["out"]) for c, r in test.items()})
         # what the model saw per column (natural absence included): MR, eta, share with no input
@@ -208,7 +212,12 @@ class Experiment:
                 if (src / f).is_file():
                     shutil.copy2(src / f, out_dir / f)
             self.log(f"  {name} {fold.name} seed {seed}: reusing {src}")
-        return json.loads((out_dir / "result.json").read_text())
+        res = json.loads((out_dir / "result.json").read_text())
+        if read_predictions(out_dir / "predictions.npz") is None:
+            self.log(f"  {name} {fold.name} seed {seed}: predictions.npz is damaged; testing the selected model again")
+            (out_dir / "predictions.npz").unlink()
+            res["test"], res["val"] = {}, {}
+        return res
 
     # -- prerequisites (MMIN's pretrained baseline) -------------------------------------------------
     def prerequisite(self, name: str, cfg: dict, fold, seed: int):
@@ -319,6 +328,18 @@ def _test_line(res: dict, cfg: dict) -> str:
             elif c == "avt" or len(group) <= 2:
                 parts.append(f"{protocols.title(c)} {t[c][metric]:.4f}")
     return f"test {metric} " + ", ".join(parts)
+
+
+def read_predictions(path: Path) -> dict | None:
+    """The arrays of a fold's ``predictions.npz``: {} when there is none, None when it is damaged
+    (a truncated or foreign file: the fold's test columns are then computed again)."""
+    if not path.is_file():
+        return {}
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile):
+        return None
 
 
 def _finished(d: Path, sig: str) -> bool:
