@@ -25,7 +25,9 @@ def load_audio(media: Media, sr: int = 16000, min_seconds: float = MIN_SECONDS) 
     input or a segment outside the file."""
     path = Path(media.path)
     if not path.is_file():
-        raise ValueError(f"{path}: audio file not found; check the manifest's root and media paths")
+        # a FIFO, directory or device exists but cannot be read as a file: say so, not "not found"
+        what = "not a regular file (a directory, FIFO or device)" if path.exists() else "audio file not found"
+        raise ValueError(f"{path}: {what}; check the manifest's root and media paths")
     start, end = check_segment(media, path)
     try:
         x, native = _read_soundfile(path, start, end)

@@ -158,7 +158,9 @@ def _av():
 def _open(path: Path):
     av = _av()
     if not path.is_file():
-        raise ValueError(f"{path}: video file not found; check the manifest's root and media paths")
+        # a FIFO, directory or device exists but cannot be read as a file: say so, not "not found"
+        what = "not a regular file (a directory, FIFO or device)" if path.exists() else "video file not found"
+        raise ValueError(f"{path}: {what}; check the manifest's root and media paths")
     try:
         return av.open(str(path))
     except av.error.FFmpegError as e:

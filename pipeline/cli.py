@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import pkgutil
 import sys
 
@@ -35,19 +36,57 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     return p
 
 
+def _check_env() -> str | None:
+    """Why IMER_CACHE or IMER_RESULTS cannot be used (they must name directories), or None."""
+    from pathlib import Path
+
+    from pipeline.cache import check_dir_env
+
+    for var in ("IMER_CACHE", "IMER_RESULTS"):
+        if os.environ.get(var):
+            try:
+                check_dir_env(var, Path(os.environ[var]).expanduser(), ValueError)
+            except ValueError as e:
+                return str(e)
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
+    from pipeline.cache import CacheError
+
     argv = sys.argv[1:] if argv is None else argv
     first = argv[0] if argv else None
-    p = build_parser(first if first in _commands() else None)
-    args = p.parse_args(argv)
-    if not getattr(args, "_main", None):
-        p.print_help()
-        return 2
     try:
-        return int(args._main(args) or 0)
+        p = build_parser(first if first in _commands() else None)
+        try:
+            args = p.parse_args(argv)
+        except SystemExit:  # --help, --version or a usage error: their text may meet a closed pipe too
+            sys.stdout.flush()
+            raise
+        if not getattr(args, "_main", None):
+            p.print_help()
+            return 2
+        bad = _check_env()
+        if bad:
+            print(f"imer: {bad}", file=sys.stderr)
+            return 2
+        status = int(args._main(args) or 0)
+        sys.stdout.flush()  # a closed pipe shows up here, inside the handler below
+        return status
     except KeyboardInterrupt:
         print("imer: interrupted; finished batches are kept, rerun the same command to resume", file=sys.stderr)
         return 130
+    except CacheError as e:
+        print(f"imer: {e}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:
+        # the reader went away (`imer store ls | head -1`): stop quietly as Unix tools do; stdout
+        # goes to /dev/null so the interpreter's final flush does not complain again
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):  # stdout is not a real file (captured in tests)
+            pass
+        return 141  # 128 + SIGPIPE, what a shell reports for a tool killed by the closed pipe
 
 
 if __name__ == "__main__":

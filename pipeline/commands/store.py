@@ -3,7 +3,9 @@
   imer store ls [--dataset D]              one line per store: utterances, failures, dim, size
   imer store verify [PATH | --dataset D]   reads every chunk: checksums, index/data consistency, shapes,
                                            NaN/Inf; names the damaged utterances; exit 1 on problems
-  imer store repair [PATH | --dataset D]   recompute only the damaged utterances from their sources
+  imer store repair [PATH | --dataset D]   recompute only the damaged utterances from their sources (and
+                                           compact what gc would); when it cannot (a damaged index, bad
+                                           notes), one line says why and what to do
   imer store gc [PATH | --dataset D]       drop superseded entries, remove leftovers of crashed runs
 """
 
@@ -48,11 +50,19 @@ def _targets(args) -> list[Path]:
 def main(args) -> int:
     from extract.base import ExtractorUnavailable
     from manifests.schema import ManifestError
+    from pipeline.cache import CacheError
     from pipeline.store import FeatureStore, StoreError, stale_dirs
 
+    try:
+        targets = _targets(args)
+    except CacheError as e:
+        print(f"imer store: {e}", file=sys.stderr)
+        return 2
     if args.store_cmd == "ls":
+        if not targets and args.dataset:
+            return _no_dataset(args.dataset)
         rows = []
-        for p in _targets(args):
+        for p in targets:
             try:
                 s = FeatureStore.open(p)
             except StoreError as e:
@@ -69,7 +79,6 @@ def main(args) -> int:
             print("  ".join(c.ljust(w[i]) if i < 2 or i == 6 else c.rjust(w[i]) for i, c in enumerate(r)).rstrip())
         return 0
 
-    targets = _targets(args)
     if args.path and not (Path(args.path) / "zarr.json").is_file():
         print(f"imer store: {args.path}: no feature store here (see `imer store ls`)", file=sys.stderr)
         return 2
@@ -77,10 +86,7 @@ def main(args) -> int:
         from pipeline.cache import cache_root
 
         if args.dataset:
-            known = sorted({p.parent.name for p in _all_stores()})
-            print(f"imer store: no feature stores for dataset {args.dataset!r} in {cache_root() / 'stores'}"
-                  f" (datasets with stores: {', '.join(known) or 'none'})", file=sys.stderr)
-            return 2
+            return _no_dataset(args.dataset)
         print(f"imer store: no feature stores in {cache_root() / 'stores'} yet", file=sys.stderr)
         return 0
     status = 0
@@ -107,10 +113,14 @@ def main(args) -> int:
     return int(status)
 
 
-def _all_stores() -> list[Path]:
+def _no_dataset(dataset: str) -> int:
+    from pipeline.cache import cache_root
     from pipeline.store import list_stores
 
-    return list_stores(None)
+    known = sorted({p.parent.name for p in list_stores(None)})
+    print(f"imer store: no feature stores for dataset {dataset!r} in {cache_root() / 'stores'}"
+          f" (datasets with stores: {', '.join(known) or 'none'})", file=sys.stderr)
+    return 2
 
 
 def _repair(path: Path, args) -> int:
@@ -119,11 +129,10 @@ def _repair(path: Path, args) -> int:
     from pipeline.runner import make_extractor, run_features
     from pipeline.store import FeatureStore, StoreError
 
-    s = FeatureStore.open(path)
+    s = FeatureStore.open(path)  # a damaged index raises here, saying to extract the store again
     damaged = s.damaged()
     if not damaged:
-        print(f"{path}: ok, nothing to repair")
-        return 0
+        return _repair_layout(s)
     a = s.attrs
     if not a.get("extractor") or not a.get("dataset"):
         raise StoreError(f"{path}: the store does not say which extractor and dataset made it (imported "
@@ -139,7 +148,32 @@ def _repair(path: Path, args) -> int:
                          "point IMER_CACHE at the cache it belongs to")
     man = load_manifest(a["dataset"], args.data_root, args.manifest)
     man.dataset = a["dataset"]
+    ext.check_available()  # before anything leaves the store
     print(f"{path}: repairing {len(damaged)} damaged utterance(s)")
-    for summ in run_features(man, [ext], required=True, dtype=s.dtype, repair=True, progress=False):
+    # the damaged frames leave the store first: appending next to a damaged chunk would have to read it
+    s.compact(drop=damaged)
+    summaries = run_features(man, [ext], required=True, dtype=s.dtype, repair=True, progress=False)
+    live = FeatureStore.open(path).state()
+    for summ in summaries:
+        if summ.key == ext.key:
+            summ.repaired = sum(u in live for u in damaged)
         print(summ.line())
     return 0
+
+
+def _repair_layout(s) -> int:
+    """No damaged utterance: fix what verify reports that a rewrite fixes (frames no entry owns), or
+    say in one line why repair cannot help."""
+    problems = s.verify()
+    if problems and s.needs_rewrite():
+        s.compact()
+        problems = s.verify()
+    if not problems:
+        print(f"{s.path}: ok, nothing to repair")
+        return 0
+    a = s.attrs
+    again = f"imer features --dataset {a['dataset']} --extractors {a['extractor']}" if a.get("dataset") and a.get(
+        "extractor") else "imer features"
+    print(f"imer store: {s.path}: cannot repair: {'; '.join(problems)} (no utterance is damaged, so there is nothing "
+          f"to recompute): remove the store (rm -r {s.path}) and run `{again}` again", file=sys.stderr)
+    return 1
