@@ -19,6 +19,7 @@ the registry stays fast. Models load lazily in ``load()``, once per process.
 from __future__ import annotations
 
 import hashlib
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
@@ -170,12 +171,15 @@ _DIGESTS: dict[tuple, str] = {}
 
 def file_digest(path: str | Path) -> str:
     """Content hash of a file, memoised per (path, size, mtime) within the process. A missing
-    file hashes to a marker so the utterance is attempted (and recorded as failed)."""
+    file, or one that is not a regular file (a FIFO would block the read, /dev/zero never end it),
+    hashes to a marker so the utterance is attempted (and recorded as failed, with the reason)."""
     p = Path(path)
     try:
         st = p.stat()
     except OSError:
         return "missing:" + str(p)
+    if not stat.S_ISREG(st.st_mode):
+        return "notfile:" + str(p)
     key = (str(p), st.st_size, st.st_mtime_ns)
     d = _DIGESTS.get(key)
     if d is None:

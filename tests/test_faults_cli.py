@@ -117,6 +117,10 @@ def test_media_that_is_not_a_regular_file(tmp_path, kind):
         read_frames(str(p))
     with pytest.raises(ValueError, match="audio file not found"):
         load_audio(Media(str(tmp_path / "absent.wav")))
+    # and the store's change detection neither blocks on a FIFO nor reads /dev/zero for ever
+    from extract.base import file_digest
+
+    assert file_digest(p) == f"notfile:{p}"
 
 
 def test_store_ls_unknown_dataset_is_an_error(capsys):
