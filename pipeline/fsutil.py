@@ -113,3 +113,69 @@ def safe_torch_load(path: str | Path, map_location="cpu"):
         first = next((ln for ln in lines if "Unsupported" in ln or "GLOBAL" in ln), lines[0] if lines else type(e).__name__)
         raise UnsafeCheckpoint(f"{path}: refused to load: it holds objects other than tensors and plain values "
                                f"({first}); only load checkpoints written by imer, or retrain") from None
+
+
+def atomic_savefig(fig, path: str | Path, **kw) -> Path:
+    """``fig.savefig`` through a temp file (the format taken from ``path``'s suffix)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp(path)
+    try:
+        fig.savefig(tmp, format=kw.pop("format", None) or path.suffix.lstrip(".") or "png", **kw)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def file_digest(path: str | Path) -> str:
+    """SHA-256 (hex) of a file's bytes."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+class Busy(RuntimeError):
+    """A lock another process holds (``process_lock``); ``pid`` is that process's id, if known."""
+
+    def __init__(self, path: Path, pid: int | None):
+        super().__init__(f"{path} is held by process {pid if pid is not None else '?'}")
+        self.path, self.pid = path, pid
+
+
+class process_lock:
+    """An exclusive lock on the file ``path`` (``filelock``'s flock, as the stores' locks), released
+    by the OS when its holder dies; the holder's pid is kept in ``<path>.pid`` for the one line a
+    second process prints. ``wait``: seconds to wait for it (0: raise :class:`Busy` at once)."""
+
+    def __init__(self, path: str | Path, wait: float = 0):
+        import filelock
+
+        self.path = Path(path)
+        self._lock = filelock.FileLock(str(self.path), timeout=wait)
+        self._pid = self.path.with_name(self.path.name + ".pid")
+
+    def __enter__(self):
+        import filelock
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._lock.acquire()
+        except filelock.Timeout:
+            try:
+                pid = int(self._pid.read_text().strip())
+            except (OSError, ValueError):
+                pid = None
+            raise Busy(self.path, pid) from None
+        atomic_write_text(self._pid, str(os.getpid()))
+        return self
+
+    def __exit__(self, *exc):
+        self._pid.unlink(missing_ok=True)
+        self._lock.release()
+        return False

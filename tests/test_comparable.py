@@ -15,7 +15,7 @@ from manifests.schema import Fold
 from train.compare_report import _check_comparable
 from train.config import load_config
 from train.report import ReportError, report
-from train.results import ids_hash, run_test_ids
+from train.results import ids_hash, run_test_ids, seal
 from train.run import run_experiment
 from train.synthetic import synthetic_data, synthetic_folds
 
@@ -100,7 +100,7 @@ def test_older_runs_are_checked_from_their_saved_ids_else_by_count(runs, tmp_pat
         root = _copy(out[case][0], tmp_path / case)
         for p in root.glob("synth/*/*/folds/*/seed*/result.json"):  # written before test_ids was recorded
             res = json.loads(p.read_text())
-            del res["test_ids"]
+            del res["test_ids"], res["checksums"]  # nor checksums
             p.write_text(json.dumps(res))
         with pytest.raises(ReportError, match=f"hash {ids_hash(folds[0].test)}"):  # from predictions.npz
             report("synth", root, write=False, methods=["baseline", "baseline-aug"])
@@ -115,7 +115,7 @@ def test_older_runs_are_checked_from_their_saved_ids_else_by_count(runs, tmp_pat
     root = _copy(out["swapped"][0], tmp_path / "three")
     old = next(root.glob("synth/baseline/*/folds/f1/seed0"))
     res = json.loads((old / "result.json").read_text())
-    del res["test_ids"]
+    del res["test_ids"], res["checksums"]
     (old / "result.json").write_text(json.dumps(res))
     (old / "predictions.npz").unlink()
     other = _copy(out["same"][1]["baseline-aug"], root / "synth" / "mmin" / "r")
@@ -130,7 +130,8 @@ def test_seeds_of_one_fold_tested_on_other_ids_are_refused(runs, tmp_path):
     run = _copy(out["same"][1]["baseline"], tmp_path / "synth" / "baseline" / "r")
     stale = _copy(run / "folds" / "f1" / "seed0", run / "folds" / "f1" / "seed1")
     res = json.loads((stale / "result.json").read_text())
-    (stale / "result.json").write_text(json.dumps({**res, "seed": 1, "test_ids": ids_hash(folds[0].test[1:])}))
+    stale_res = seal(stale, {**res, "seed": 1, "test_ids": ids_hash(folds[0].test[1:])})  # as imer wrote it
+    (stale / "result.json").write_text(json.dumps(stale_res))
     meta = json.loads((run / "run.json").read_text())
     (run / "run.json").write_text(json.dumps({**meta, "seeds": [0, 1]}))
     with pytest.raises(ReportError, match="baseline's run r: fold f1 seed 1 was tested on 16 test ids .*, seed 0 on 16"):

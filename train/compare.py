@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.cache import config_hash
-from pipeline.fsutil import atomic_write_json, safe_name
+from pipeline.fsutil import atomic_write_json, atomic_write_text, safe_name
 from train import protocols
 from train.config import everywhere, list_configs, load_config
 
@@ -215,7 +215,7 @@ def finish_runs(ctx: Context, methods: list[str], seeds: list[int], meta: dict) 
         if not any(run_dir.glob("folds/*/seed*/result.json")):
             continue
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(_yaml(cfg))
+        atomic_write_text(run_dir / "config.yaml", _yaml(cfg))
         data = ctx.data_for(cfg)
         m_meta = {**meta, "dataset": ctx.dataset, "method": m, "run_id": run_dir.name, "status": "complete",
                   "folds": [f.name for f in ctx.folds], "seeds": seeds, "task": data.task, "labels": data.labels,

@@ -6,18 +6,17 @@ imagination methods' joint representations under full and under missing input.""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 from scipy.optimize import brentq
 from scipy.stats import nct, rankdata, t as student_t, wilcoxon
 
-from pipeline.fsutil import safe_name
+from pipeline.fsutil import atomic_savefig, atomic_write_text, safe_name
 from train import protocols
 from train.metrics import NAMES
 from train.report import ReportError, comparability, differences
-from train.results import collect, differing_test_ids, finished, run_name
+from train.results import collect, differing_test_ids, finished, read_json, run_name, verified
 
 REFERENCES = ("baseline-aug", "mmin")
 ALPHA = 0.05
@@ -91,7 +90,7 @@ def pairs_needed(gap: float, sd: float, power: float = POWER, alpha: float = ALP
 
 def _check_comparable(runs: dict[str, Path]) -> None:
     """A ReportError naming the first run that differs from the first method's, and in what."""
-    keys = {m: comparability(json.loads((d / "run.json").read_text()), d) for m, d in runs.items()}
+    keys = {m: comparability(read_json(d / "run.json"), d) for m, d in runs.items()}
     first = next(iter(keys))
     for m, k in keys.items():
         diff = differences(keys[first], k)
@@ -107,10 +106,10 @@ def write_report(out_dir: Path, runs: dict[str, Path], info: dict, data_for=None
     method was trained on) tsne.png into ``out_dir``; return the Markdown."""
     if not runs:
         text = "No method finished a job; see compare.json for the errors.\n"
-        (out_dir / "report.md").write_text(text)
+        atomic_write_text(out_dir / "report.md", text)
         return text
     _check_comparable(runs)
-    meta = json.loads((next(iter(runs.values())) / "run.json").read_text())
+    meta = read_json(next(iter(runs.values())) / "run.json")
     task = meta.get("task", "classification")
     metric = "ua" if task == "classification" else "acc2"
     columns = list(info["columns"])
@@ -144,7 +143,7 @@ def write_report(out_dir: Path, runs: dict[str, Path], info: dict, data_for=None
     else:
         (out_dir / "tsne.png").unlink(missing_ok=True)  # no stale figure from an earlier report
     text = "\n".join(doc)
-    (out_dir / "report.md").write_text(text)
+    atomic_write_text(out_dir / "report.md", text)
     return text
 
 
@@ -223,7 +222,7 @@ def plot_curves(sc: dict, columns, path: Path, title: str) -> None:
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    atomic_savefig(fig, path, dpi=110)
     plt.close(fig)
 
 
@@ -243,7 +242,7 @@ def plot_confusions(runs: dict[str, Path], labels, path: Path, task: str) -> Non
         for i, (name, conds) in enumerate((("full", ["avt"]), ("missing", list(protocols.MISSING_CONDITIONS)))):
             ys, ps = [], []
             for f in [fd / "predictions.npz" for fd, _ in finished(d) if (fd / "predictions.npz").is_file()]:
-                z = np.load(f)
+                z = np.load(f, allow_pickle=False)  # verified by finished(): the file result.json vouches for
                 for c in conds:
                     if f"{c}_y" in z:
                         ys.append(z[f"{c}_y"])
@@ -258,7 +257,7 @@ def plot_confusions(runs: dict[str, Path], labels, path: Path, task: str) -> Non
             ax.set_yticks(range(k), labels or [], fontsize=6)
             ax.set_title(f"{m} ({name})", fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    atomic_savefig(fig, path, dpi=110)
     plt.close(fig)
 
 
@@ -295,9 +294,13 @@ def plot_tsne(runs: dict[str, Path], data_for, info: dict, path: Path, device: s
         job = d / "folds" / safe_name(fold) / f"seed{seed}"
         if not (job / "best.pt").is_file() or not (job / "predictions.npz").is_file():
             continue
+        if (job / "result.json").is_file():
+            verified(job)
         method, norm, _ = load_checkpoint(job / "best.pt", device)
         data = data_for(m)
-        idx = data.indices(list(np.load(job / "predictions.npz")["ids"]), f"fold {fold} test")
+        with np.load(job / "predictions.npz", allow_pickle=False) as z:
+            ids = list(z["ids"])
+        idx = data.indices(ids, f"fold {fold} test")
         with torch_threads(device, 1):  # small nets: one thread is faster on a busy CPU (pipeline.device)
             reps = representations(method, data, idx, ["avt", column], norm, seed, device)
         if reps is None or len(idx) < 4:
@@ -311,7 +314,7 @@ def plot_tsne(runs: dict[str, Path], data_for, info: dict, path: Path, device: s
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = json.loads((next(iter(runs.values())) / "run.json").read_text()).get("labels")
+    labels = read_json(next(iter(runs.values())) / "run.json").get("labels")
     fig, axes = plt.subplots(2, len(shown), figsize=(3.4 * len(shown), 6.4), squeeze=False)
     for j, (m, (reps, y, avail)) in enumerate(shown.items()):
         x = np.concatenate([reps["avt"], reps[column]])
@@ -339,7 +342,7 @@ def plot_tsne(runs: dict[str, Path], data_for, info: dict, path: Path, device: s
             a.set_xticks([])
             a.set_yticks([])
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    atomic_savefig(fig, path, dpi=110)
     plt.close(fig)
     first = next(iter(shown.values()))
     return {"fold": fold, "seed": seed, "column": column, "n": len(first[2]),

@@ -17,6 +17,7 @@ same data).
 from __future__ import annotations
 
 import copy
+import math
 from pathlib import Path
 
 import yaml
@@ -303,6 +304,32 @@ def _check_values(cfg: dict, name: str) -> None:
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ConfigError(f"train.{key} must be a positive integer, got {v!r} "
                               f"(train/configs/{name}.yaml or --set train.{key}=N)")
+    bad = _non_finite(cfg)
+    if bad:  # torch would fail deep in the first step (or train on NaN), after the run was marked running
+        key, v = bad
+        raise ConfigError(f"{key} must be a finite number, got {v!r} (train/configs/{name}.yaml or --set {key}=...)")
+
+
+def _non_finite(node, path: str = "") -> tuple[str, object] | None:
+    """(key, value) of the first NaN or infinite number in a config, written as a number (.nan)
+    or as a word YAML keeps as text (nan, inf); None when there is none."""
+    if isinstance(node, dict):
+        items = node.items()
+    elif isinstance(node, list):
+        items = ((str(i), v) for i, v in enumerate(node))
+    else:
+        if isinstance(node, float) and not math.isfinite(node):
+            return path, node
+        if isinstance(node, str) and node.strip().lower().lstrip("+-.") in ("nan", "inf", "infinity"):
+            return path, node
+        return None
+    for k, v in items:
+        if k == "prerequisites":  # checked one by one (with_prerequisites)
+            continue
+        hit = _non_finite(v, f"{path}.{k}" if path else str(k))
+        if hit:
+            return hit
+    return None
 
 
 def feature_set(name: str) -> dict:

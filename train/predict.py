@@ -8,7 +8,6 @@ seed models the run's ``run.json`` lists (or taken from one fold with ``fold=``)
 
 from __future__ import annotations
 
-import json
 import shutil
 import uuid
 from pathlib import Path
@@ -40,12 +39,29 @@ def resolve_run(run: str | Path, results_dir=None) -> Path:
                        "give results/<dataset>/<method>/<run-id> or results/<dataset>/<method>")
 
 
-def checkpoints(run_dir: Path, fold: str | None = None) -> list[Path]:
-    from train.results import listed
+def _run_json(run_dir: Path) -> dict:
+    from train.results import ReportError, read_json
 
-    pts = [d / "best.pt" for d in listed(run_dir, "best.pt")]
-    if fold is not None:
-        pts = [p for p in pts if p.parent.parent.name == str(fold)]
+    try:
+        return read_json(run_dir / "run.json") if (run_dir / "run.json").is_file() else {}
+    except ReportError as e:
+        raise PredictError(str(e)) from None
+
+
+def checkpoints(run_dir: Path, fold: str | None = None) -> list[Path]:
+    """The run's best.pt files (of ``fold``), each checked against the checksum of its fold's
+    result.json where the fold has finished (``train.results.verified``)."""
+    from train.results import ReportError, listed, verified
+
+    try:
+        pts = [d / "best.pt" for d in listed(run_dir, "best.pt")]
+        if fold is not None:
+            pts = [p for p in pts if p.parent.parent.name == str(fold)]
+        for p in pts:
+            if (p.parent / "result.json").is_file():
+                verified(p.parent)
+    except ReportError as e:
+        raise PredictError(str(e)) from None
     if not pts:
         raise PredictError(f"{run_dir}: no trained model{' for fold ' + str(fold) if fold else ''} "
                            "(folds/<fold>/seed<s>/best.pt); finish the run with imer train first")
@@ -135,7 +151,7 @@ def predict(run, audio=None, video=None, text=None, fold=None, device: str = "cp
     device = resolve_device(device)
     ck = safe_torch_load(checkpoints(run_dir, fold)[0], "cpu")
     cfg, dims = ck["config"], ck["spec"]["dims"]
-    feats = json.loads((run_dir / "run.json").read_text()).get("features", {}) if (run_dir / "run.json").is_file() else {}
+    feats = _run_json(run_dir).get("features", {})
     imported = sorted({str(f.get("format")) for f in feats.values() if isinstance(f, dict) and f.get("format")})
     if imported:
         raise PredictError(f"{run_dir}: trained on imported {'/'.join(imported)} features, which imer cannot "

@@ -9,17 +9,17 @@ refuses, in one line, runs that differ.
 
 from __future__ import annotations
 
-import json
 import shlex
+import sys
 from pathlib import Path
 
 import yaml
 
-from pipeline.fsutil import safe_name
+from pipeline.fsutil import atomic_write_text, safe_name
 from train.config import report_order
 from train.metrics import NAMES
 from train.results import (ReportError, collect, differing_test_ids, markdown_table, merge_test_ids, plot_conditions,
-                           run_name, run_test_ids, summarize)
+                           read_json, run_name, run_test_ids, summarize)
 from train.run import eval_columns, newest_complete, read_runs, results_root
 
 
@@ -34,6 +34,14 @@ def latest_runs(dataset: str, results_dir=None, run_id: str | None = None) -> di
         by_method.setdefault(meta.get("method") or d.parent.name, []).append((d, meta))
     runs = {m: newest_complete(rs) for m, rs in by_method.items()}
     return {m: runs[m] for m in report_order([m for m, d in runs.items() if d is not None])}
+
+
+def run_unreadable(path: Path) -> bool:
+    try:
+        read_json(path)
+        return False
+    except (OSError, ReportError):
+        return True
 
 
 def comparability(meta: dict, run_dir: Path | None = None) -> dict:
@@ -67,7 +75,7 @@ def differences(a: dict, b: dict) -> list[str]:
 
 
 def _load(run_dir: Path) -> tuple[dict, dict]:
-    meta = json.loads((run_dir / "run.json").read_text())
+    meta = read_json(run_dir / "run.json")
     cfg_path = run_dir / "config.yaml"
     cfg = yaml.safe_load(cfg_path.read_text()) if cfg_path.is_file() else {}
     return meta, cfg or {}
@@ -116,6 +124,10 @@ def report(dataset: str, results_dir=None, write: bool = True, methods=None, run
     report[-N].png when ``write``."""
     runs = latest_runs(dataset, results_dir, run_id)
     root = results_root(results_dir) / safe_name(dataset)
+    for p in sorted(root.glob("*/*/run.json")):  # latest_runs passes over them: say so
+        if p.parent not in runs.values() and run_unreadable(p) and (not run_id or p.parent.name == safe_name(run_id)):
+            print(f"imer report: skipping {p.parent}: its run.json is damaged; run its imer train command "
+                  "again to redo it", file=sys.stderr)
     which = f"run {run_id!r}" if run_id else "run"
     again = f" --run-id {shlex.quote(run_id)}" if run_id else ""   # the train command that makes it
     if methods:
@@ -151,7 +163,7 @@ def report(dataset: str, results_dir=None, write: bool = True, methods=None, run
             plot_conditions(rows, task, png,
                             f"{dataset}: test {NAMES.get(metric, '')} per condition", metrics=[metric] if metric else None)
     if write:
-        (root / "report.md").write_text("\n".join(doc))
+        atomic_write_text(root / "report.md", "\n".join(doc))
     return "\n".join(out).rstrip() + "\n"
 
 
@@ -183,4 +195,4 @@ def update_block(path, block: str, text: str) -> None:
     if i < 0 or j < 0:
         raise ReportError(f"{p}: no '{start}' ... '{end}' block to update; add the two marker lines where "
                           "the table belongs")
-    p.write_text(doc[: i + len(start)] + "\n" + text.rstrip() + "\n" + doc[j:])
+    atomic_write_text(p, doc[: i + len(start)] + "\n" + text.rstrip() + "\n" + doc[j:])

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.cache import config_hash
-from pipeline.fsutil import safe_name
+from pipeline.fsutil import atomic_savefig, atomic_write_text, file_digest, safe_name
 from train import protocols
 from train.metrics import NAMES, table_metrics
 
@@ -29,13 +29,70 @@ class ReportError(ValueError):
     """Runs (or results) that cannot be put in one table; the message says what differs."""
 
 
+def read_json(path: Path, what: str = "") -> dict:
+    """A run's JSON file, or a ReportError naming it when it is truncated or not JSON."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ReportError(f"{path}: damaged ({type(e).__name__}: {str(e).splitlines()[0]}); {what or AGAIN}") from None
+
+
+AGAIN = "run the same imer train command again to recompute it"
+
+# What result.json vouches for (``seal``): itself and the fold's files that a report, predict or
+# compare reads. history.json and the figures are drawings of what result.json already holds.
+SEALED = ("best.pt", "predictions.npz")
+
+
+def _result_digest(res: dict) -> str:
+    body = {k: v for k, v in res.items() if k != "checksums"}
+    # through JSON first: the digest of what result.json holds, numpy values written as JSON writes them
+    return config_hash(json.loads(json.dumps(body, default=str)), 64)
+
+
+def seal(job: Path, res: dict) -> dict:
+    """``res`` with ``checksums``: SHA-256 of itself (less this entry) and of the fold's SEALED files;
+    called just before result.json is written, after the files it vouches for."""
+    sums = {"result.json": _result_digest(res)}
+    sums.update({f: file_digest(Path(job) / f) for f in SEALED if (Path(job) / f).is_file()})
+    return {**res, "checksums": sums}
+
+
+def unsealed(job: Path, res: dict) -> str | None:
+    """The first file of a fold that differs from (or lacks) what its result.json's checksums record
+    ("result.json" when the result itself was edited); None when all agree or none are recorded
+    (results written before checksums)."""
+    sums = res.get("checksums")
+    if not isinstance(sums, dict):
+        return None
+    if sums.get("result.json") != _result_digest(res):
+        return "result.json"
+    for f in SEALED:
+        if f in sums and (not (Path(job) / f).is_file() or file_digest(Path(job) / f) != sums[f]):
+            return f
+    return None
+
+
+def verified(job: Path) -> dict:
+    """A fold's result.json, checked against its checksums: a ReportError naming the damaged or
+    edited file otherwise. What report, compare and predict read a fold through."""
+    job = Path(job)
+    res = read_json(job / "result.json")
+    bad = unsealed(job, res)
+    if bad:
+        where = "its own checksum" if bad == "result.json" else "the checksum result.json records"
+        raise ReportError(f"{job / bad}: edited or damaged since it was written (it differs from {where}); "
+                          f"{AGAIN} (or delete {job})")
+    return res
+
+
 def listed(run_dir: Path, name: str) -> list[Path]:
     """The ``folds/<fold>/seed<s>/`` folders holding ``name`` among the folds and seeds the run's
     ``run.json`` lists (all, where it lists none): comparisons of different seed sets share a run
     folder, so one with seeds 0-9 reuses the fold x seed runs of one with seed 0, and each reads only
     its own."""
     run_dir = Path(run_dir)
-    meta = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").is_file() else {}
+    meta = read_json(run_dir / "run.json") if (run_dir / "run.json").is_file() else {}
     folds = {safe_name(f) for f in meta.get("folds") or []}
     seeds = {f"seed{int(s)}" for s in meta.get("seeds") or []}
     return [p.parent for p in sorted(run_dir.glob(f"folds/*/seed*/{name}"))
@@ -44,7 +101,7 @@ def listed(run_dir: Path, name: str) -> list[Path]:
 
 def finished(run_dir: Path) -> list[tuple[Path, dict]]:
     """(folder, result) of every finished fold x seed the run lists (see ``listed``)."""
-    return [(d, json.loads((d / "result.json").read_text())) for d in listed(run_dir, "result.json")]
+    return [(d, verified(d)) for d in listed(run_dir, "result.json")]
 
 
 def collect(run_dir: Path, columns=None) -> list[dict]:
@@ -72,11 +129,11 @@ def job_test_ids(job: Path, res: dict) -> dict:
     pred = Path(job) / "predictions.npz"
     if h is None and pred.is_file():
         try:
-            with np.load(pred) as z:
+            with np.load(pred, allow_pickle=False) as z:
                 if "ids" in z.files:
                     ids = z["ids"]
                     n, h = len(ids), ids_hash(ids)
-        except (OSError, ValueError):  # unreadable: the count is all there is
+        except (OSError, ValueError, EOFError, KeyError):  # unreadable: the count is all there is
             pass
     return {"n": n, "hash": h}
 
@@ -212,6 +269,7 @@ def override_note(cfg: dict) -> str:
 def write_run_outputs(run_dir: Path, cfg: dict, meta: dict) -> str:
     """Write metrics.json / metrics.csv / table.md / curves.png / conditions.png; return the table."""
     import csv
+    import io
 
     run_dir = Path(run_dir)
     from train.run import eval_columns
@@ -220,15 +278,16 @@ def write_run_outputs(run_dir: Path, cfg: dict, meta: dict) -> str:
     task = meta.get("task", "classification")
     summ = summarize(results, task)
     rows = records(results)
-    (run_dir / "metrics.json").write_text(json.dumps(
+    atomic_write_text(run_dir / "metrics.json", json.dumps(
         {"method": cfg["name"], "dataset": meta.get("dataset"), "task": task,
          "summary": {m: {c: {"mean": v[0], "std": v[1], "n": v[2]} for c, v in cols.items()} for m, cols in summ.items()},
          "runs": results}, indent=1, default=float))
-    with open(run_dir / "metrics.csv", "w", newline="") as f:
-        fields = list(dict.fromkeys(k for r in rows for k in r))  # every row's columns, first-seen order
-        w = csv.DictWriter(f, fieldnames=fields, lineterminator="\n")
-        w.writeheader()
-        w.writerows(rows)
+    buf = io.StringIO()
+    fields = list(dict.fromkeys(k for r in rows for k in r))  # every row's columns, first-seen order
+    w = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
+    w.writeheader()
+    w.writerows(rows)
+    atomic_write_text(run_dir / "metrics.csv", buf.getvalue())
     n_runs = len(results)
     table = markdown_table({cfg["name"]: summ}, task)
     note = override_note(cfg)
@@ -240,7 +299,7 @@ def write_run_outputs(run_dir: Path, cfg: dict, meta: dict) -> str:
     if note:
         doc += [note, ""]
     doc += [table, ""]
-    (run_dir / "table.md").write_text("\n".join(doc))
+    atomic_write_text(run_dir / "table.md", "\n".join(doc))
     # the figures are redrawn only when the results they show change (matplotlib costs a second to
     # load): a new or rewritten result, or another set of listed seeds in a shared compare folder
     drawn = "\n".join(f"{d.relative_to(run_dir)} {(d / 'result.json').stat().st_mtime_ns}"
@@ -249,7 +308,7 @@ def write_run_outputs(run_dir: Path, cfg: dict, meta: dict) -> str:
     if any(not f.is_file() for f in figs) or not marker.is_file() or marker.read_text() != drawn:
         plot_curves(results, figs[0], cfg["name"])
         plot_conditions({cfg["name"]: summ}, task, figs[1], f"{cfg['name']} on {meta.get('dataset')}")
-        marker.write_text(drawn)
+        atomic_write_text(marker, drawn)
     return table
 
 
@@ -277,7 +336,7 @@ def plot_curves(results: list[dict], path: Path, title: str) -> None:
     if len(results) <= 12:
         ax2.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    atomic_savefig(fig, path, dpi=110)
     plt.close(fig)
 
 
@@ -304,6 +363,6 @@ def plot_conditions(rows: dict[str, dict], task: str, path: Path, title: str, me
     ax.set(title=title, ylabel="score")
     ax.legend(fontsize=7, ncol=min(len(series), 4))
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    atomic_savefig(fig, path, dpi=110)
     plt.close(fig)
 

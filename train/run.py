@@ -34,12 +34,12 @@ import yaml
 
 from pipeline.cache import config_hash
 from pipeline.device import torch_threads
-from pipeline.fsutil import atomic_write_bytes, atomic_write_json, atomic_write_text, safe_name
+from pipeline.fsutil import Busy, atomic_write_bytes, atomic_write_json, atomic_write_text, process_lock, safe_name
 from train import metrics, protocols
 from train.config import DESCRIPTIVE, ConfigError, by_scope, check_chain, check_overrides, for_chain, load_config
 from train.config import with_prerequisites
 from train.data import MultimodalData, Normalizer
-from train.results import ids_hash, listed, write_run_outputs
+from train.results import ids_hash, listed, seal, unsealed, write_run_outputs
 
 
 def results_root(root: str | Path | None = None) -> Path:
@@ -192,6 +192,7 @@ class Experiment:
             figs = best.figures(out_dir, self.data, te, norm, self.device)
             res["figures"] = sorted(os.path.relpath(f, self.run_dir) for f in figs)
         res["time_s"] = res.get("time_s", 0.0) + time.perf_counter() - t0
+        res = seal(out_dir, res)  # written last: it vouches for best.pt and predictions.npz
         _write_json(out_dir / "result.json", res)
         (out_dir / "last.pt").unlink(missing_ok=True)  # optimiser state is only needed to resume
         return res
@@ -200,6 +201,9 @@ class Experiment:
         """The result of a finished ``name`` model for this fold and seed: in ``out_dir``, else copied
         there from an earlier run of ``name`` (or another run's prerequisite) with the same
         signature; None when none exists."""
+        bad = _damaged(out_dir)
+        if bad and bad != "predictions.npz":
+            self.log(f"  {name} {fold.name} seed {seed}: {bad} is damaged or was edited; training it again")
         if not _finished(out_dir, sig):
             ds, n, fd = safe_name(self.dataset), safe_name(name), safe_name(fold.name)
             earlier = [*sorted(self.root.glob(f"{ds}/{n}/*/folds/{fd}/seed{seed}"), reverse=True),
@@ -213,9 +217,9 @@ class Experiment:
                     shutil.copy2(src / f, out_dir / f)
             self.log(f"  {name} {fold.name} seed {seed}: reusing {src}")
         res = json.loads((out_dir / "result.json").read_text())
-        if read_predictions(out_dir / "predictions.npz") is None:
+        if read_predictions(out_dir / "predictions.npz") is None or unsealed(out_dir, res) == "predictions.npz":
             self.log(f"  {name} {fold.name} seed {seed}: predictions.npz is damaged; testing the selected model again")
-            (out_dir / "predictions.npz").unlink()
+            (out_dir / "predictions.npz").unlink(missing_ok=True)
             res["test"], res["val"] = {}, {}
         return res
 
@@ -249,14 +253,30 @@ class Experiment:
         return method
 
     # -- the whole run ------------------------------------------------------------------------------
-    def run(self, seeds: list[int], meta: dict) -> str:
+    def start(self, seeds: list[int], meta: dict) -> dict:
+        """Write config.yaml and run.json (status running); returns run.json's content."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.run_dir / "config.yaml", yaml.safe_dump(self.cfg, sort_keys=False))
         meta = {**meta, "status": "running", "started": meta.get("started") or time.strftime("%Y-%m-%dT%H:%M:%S"),
                 "folds": [f.name for f in self.folds], "seeds": seeds, "device": self._device,
                 "task": self.data.task, "labels": self.data.labels, "dims": self.data.spec.dims,
                 "data_signature": self.data.signature, "n_utterances": len(self.data)}
+        meta.pop("error", None)
         _write_json(self.run_dir / "run.json", meta)
+        return meta
+
+    def run(self, seeds: list[int], meta: dict, started: bool = False) -> str:
+        """Train every fold x seed (``started``: ``meta`` is what ``start`` wrote); an error marks
+        the run failed in run.json (a rerun resumes it), an interruption leaves it running."""
+        meta = meta if started else self.start(seeds, meta)
+        try:
+            return self._run(seeds, meta)
+        except Exception as e:
+            meta.update(status="failed", error=f"{type(e).__name__}: {e}", finished=time.strftime("%Y-%m-%dT%H:%M:%S"))
+            _write_json(self.run_dir / "run.json", meta)
+            raise
+
+    def _run(self, seeds: list[int], meta: dict) -> str:
         t0 = time.perf_counter()
         pairs = [(fold, seed) for fold in self.folds for seed in seeds]
         outs = {(f.name, s): self.run_dir / "folds" / safe_name(f.name) / f"seed{s}" for f, s in pairs}
@@ -344,12 +364,22 @@ def read_predictions(path: Path) -> dict | None:
 
 def _finished(d: Path, sig: str) -> bool:
     r = d / "result.json"
-    if not (r.is_file() and (d / "best.pt").is_file()):
+    if not (r.is_file() and (d / "best.pt").is_file()) or _damaged(d) not in (None, "predictions.npz"):
         return False
+    return json.loads(r.read_text()).get("signature") == sig
+
+
+def _damaged(d: Path) -> str | None:
+    """The file of a fold folder's result that is truncated or differs from the checksums its
+    result.json records (``train.results.seal``), None when all agree or there is no result."""
+    r = d / "result.json"
+    if not r.is_file():
+        return None
     try:
-        return json.loads(r.read_text()).get("signature") == sig
-    except json.JSONDecodeError:
-        return False
+        res = json.loads(r.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return "result.json"
+    return unsealed(d, res) if isinstance(res, dict) else "result.json"
 
 
 def _write_json(path: Path, obj) -> None:
@@ -383,7 +413,10 @@ def find_run(method_dir: Path, match: dict, complete: bool = False) -> Path | No
 
 def _finished_table(run_dir: Path | None, n_pairs: int) -> str | None:
     """The table of a complete run whose ``n_pairs`` fold x seed results are all still there, else None."""
-    if run_dir is None or not (run_dir / "table.md").is_file() or len(listed(run_dir, "result.json")) != n_pairs:
+    if run_dir is None or not (run_dir / "table.md").is_file():
+        return None
+    jobs = listed(run_dir, "result.json")
+    if len(jobs) != n_pairs or any(_damaged(d) for d in jobs):  # a damaged fold is recomputed
         return None
     text = (run_dir / "table.md").read_text()
     start = text.find("\n|")  # the tables close table.md (see write_run_outputs)
@@ -407,35 +440,67 @@ def run_experiment(data: MultimodalData, folds: list, cfg: dict, *, dataset: str
     cfg_hash = config_hash({k: v for k, v in cfg.items() if k not in ("seeds", "report")}, 12)
     match = {"config_hash": cfg_hash, "data_signature": data.signature,
              "folds": [f.name for f in folds], "seeds": seeds}
-    run_dir = None
-    if run_id:
-        run_dir = method_dir / safe_name(run_id)
-    elif resume:
-        run_dir = find_run(method_dir, match)
-        if run_dir is not None:
-            log(f"resuming {run_dir}")
-        else:  # the same command after it finished: nothing to do, and no copy of the run folder
-            done = find_run(method_dir, match, complete=True)
-            table = _finished_table(done, len(folds) * len(seeds))
-            if table is not None:
-                log(f"{cfg['name']}: already complete in {done} (--fresh for a new run folder)")
-                log(f"\n{cfg['name']} on {dataset} — {done}\n{table}")
-                return done
-    if run_dir is None:
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        run_dir = method_dir / f"{stamp}-{cfg_hash[:6]}"
-        k = 1
-        while run_dir.exists():
-            k += 1
-            run_dir = method_dir / f"{stamp}-{cfg_hash[:6]}-{k}"
-    meta = {"dataset": dataset, "method": cfg["name"], "run_id": run_dir.name, "config_hash": cfg_hash,
-            **(meta or {})}
-    exp = Experiment(data, folds, cfg, run_dir, dataset=dataset, device=device, root=root,
-                     progress=progress, callbacks=callbacks, log=log,
-                     workers=workers, cluster=cluster, threads=threads)
-    table = exp.run(seeds, meta)
+    # one process at a time picks (or makes) the run folder and locks it, so a second identical
+    # command finds the first one's run and its lock, never a folder of its own to train again
+    try:
+        with process_lock(method_dir.parent / f".{method_dir.name}.lock", wait=120):
+            run_dir, note = _pick_run_dir(method_dir, match, cfg, folds, seeds, dataset, run_id, resume, log)
+            if note is None:  # already complete
+                return run_dir
+            lock = process_lock(run_dir / ".lock").__enter__()
+            if note:
+                log(note)
+            meta = {"dataset": dataset, "method": cfg["name"], "run_id": run_dir.name, "config_hash": cfg_hash,
+                    **(meta or {})}
+            exp = Experiment(data, folds, cfg, run_dir, dataset=dataset, device=device, root=root,
+                             progress=progress, callbacks=callbacks, log=log,
+                             workers=workers, cluster=cluster, threads=threads)
+            try:
+                meta = exp.start(seeds, meta)
+            except BaseException:
+                lock.__exit__(None, None, None)
+                raise
+    except Busy as e:
+        raise RunInProgress(f"{e.path.parent} is being trained by another imer train (pid {e.pid or '?'}); wait for it "
+                            "to finish, then run this command again (it will print that run's table)") from None
+    try:
+        table = exp.run(seeds, meta, started=True)
+    finally:
+        lock.__exit__(None, None, None)
     log(f"\n{cfg['name']} on {dataset} — {run_dir}\n{table}")
     return run_dir
+
+
+class RunInProgress(ConfigError):
+    """The run folder a command would train in is locked by another process (``process_lock``)."""
+
+
+def _pick_run_dir(method_dir, match, cfg, folds, seeds, dataset, run_id, resume, log):
+    """(run folder, line to log once it is locked): ``run_id``'s folder, else the unfinished one of
+    the same command, else a complete one with a damaged fold (recomputed there), else a new one;
+    the line is None when the same command's run is complete (its table logged)."""
+    if run_id:
+        return method_dir / safe_name(run_id), ""
+    if resume:
+        run_dir = find_run(method_dir, match)
+        if run_dir is not None:
+            return run_dir, f"resuming {run_dir}"
+        # the same command after it finished: nothing to do, and no copy of the run folder
+        done = find_run(method_dir, match, complete=True)
+        table = _finished_table(done, len(folds) * len(seeds))
+        if table is not None:
+            log(f"{cfg['name']}: already complete in {done} (--fresh for a new run folder)")
+            log(f"\n{cfg['name']} on {dataset} — {done}\n{table}")
+            return done, None
+        if done is not None and any(_damaged(d) for d in listed(done, "result.json")):
+            return done, f"resuming {done}: a fold's output is damaged or was edited"
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    run_dir = method_dir / f"{stamp}-{match['config_hash'][:6]}"
+    k = 1
+    while run_dir.exists():
+        k += 1
+        run_dir = method_dir / f"{stamp}-{match['config_hash'][:6]}-{k}"
+    return run_dir, ""
 
 
 # ---- the dataset-level entry point -----------------------------------------------------------------

@@ -71,6 +71,7 @@ def main(args) -> int:
     from train.config import parse_override
     from train.data import DataError
     from train.protocols import ProtocolError, expand
+    from train.results import ReportError
     from pipeline.cluster import Cluster
     from train.run import train_method
 
@@ -105,7 +106,10 @@ def main(args) -> int:
                          workers=args.workers, cluster=cluster)
         cluster.close()
     except (ConfigError, DataError, ManifestError, FileNotFoundError, StoreError, UnsafeCheckpoint,
-            ExtractorUnavailable, ProtocolError) as e:
+            ExtractorUnavailable, ProtocolError, ReportError) as e:
         print(f"imer train: {e}", file=sys.stderr)
         return 2
+    except FloatingPointError as e:  # a diverging run: train.run marked it failed in its run.json
+        print(f"imer train: {e} (the run is marked failed)", file=sys.stderr)
+        return 1
     return 0

@@ -239,6 +239,7 @@ class CMARR(Method):
         coloured by modality and by label: ``tsne.png`` in ``out_dir``."""
         from sklearn.manifold import TSNE
 
+        from pipeline.fsutil import atomic_savefig
         from train.data import batch_to
 
         import matplotlib
@@ -285,6 +286,6 @@ class CMARR(Method):
                 ax.set_yticks([])
         fig.tight_layout()
         path = Path(out_dir) / "tsne.png"
-        fig.savefig(path, dpi=100)
+        atomic_savefig(fig, path, dpi=100)
         plt.close(fig)
         return [path]
