@@ -164,3 +164,75 @@ def test_training_conditions_draw_keeps_a_present_modality():
 def test_realised_reports_what_the_model_saw():
     seen = np.array([[1, 1, 1], [1, 0, 0], [0, 0, 0], [0, 1, 1]], bool)
     assert P.realised(seen) == {"mr": pytest.approx(1 - 6 / 12), "eta": 0.75, "no_input": 0.25}
+
+
+# ---- small contracts that mutation testing found unpinned ------------------------------------------
+
+def test_column_parsing_bounds_and_defaults():
+    assert P.expand("missing-ratio") == [f"eta={e:g}" for e in (0, .1, .2, .3, .4, .5)]
+    for bad in ("mr=-0.1", "eta=-0.1"):
+        with pytest.raises(P.ProtocolError):
+            P.parse(bad)
+    assert P.parse("eta=1.0") == (P.RATIO, 1.0)  # every sample loses one: allowed for eta only
+
+
+def test_groups_titles_and_average_members():
+    assert P.groups(["mr=0"]) == [(P.RATE, ["mr=0"])]  # one column: nothing to average
+    cols = ["mr=0", "mr=0.3", "mr=0.5", "eta=0", "eta=0.2", "a"]
+    assert P.average_members("mr-average", cols) == ["mr=0.3", "mr=0.5"]
+    assert P.average_members("eta-average", cols) == ["eta=0.2"]
+    assert P.title("a") == "{a}" and P.title("vt") == "{v,t}" and P.title("mr=0.3") == "MR 0.3"
+    assert P.title("eta-average", ["eta=0.1", "eta=0.4"]) == "η avg 0.1–0.4"
+    assert P.title("mr-average", ["mr=0.1", "mr=0.7"]) == "MR avg 0.1–0.7"
+
+
+def test_missing_ratio_drops_the_modality_its_key_names():
+    import hashlib
+
+    ids = _ids(40)
+    keep = P.masks("eta=1", ids, seed=5)
+    for u, row in zip(ids, keep):
+        h = hashlib.blake2b(f"{P.RATIO}|5|{u}".encode(), digest_size=32).digest()
+        key0 = np.frombuffer(h, dtype="<u8")[0] / 2.0 ** 64
+        assert not row[int(key0 * 3)] and row.sum() == 2
+    edge = P.allocate_ratio(np.array([0.1, 0.2]), np.array([1.0, 0.0]), 1.0)  # a key of exactly 1
+    assert edge.tolist() == [[True, True, False], [False, True, True]]
+
+
+def test_rate_cap_and_samples_without_any_modality():
+    P._WARNED.clear()
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        keep = P.allocate_rate(np.random.default_rng(0).random((30, 3)), 2 / 3)  # reachable: no warning
+    assert (keep.sum(1) == 1).all()
+    nat = np.ones((4, 3), bool)
+    nat[0] = False  # a sample with nothing: it drops nothing and breaks nothing
+    keep = P.allocate_rate(np.random.default_rng(1).random((4, 3)), 0.5, nat)
+    assert keep[0].all() and ((keep & nat)[1:].sum(1) >= 1).all()
+    assert P.realised(keep & nat)["mr"] == pytest.approx(0.5)
+
+
+def test_realised_edge_cases():
+    assert P.realised(np.zeros((0, 3), bool)) == {"mr": 0.0, "eta": 0.0, "no_input": 0.0}
+    assert P.realised(np.array([[0, 0, 0], [1, 1, 1]], bool)) == {"mr": 0.5, "eta": 0.5, "no_input": 0.5}
+    assert P.realised_rate(np.array([[1, 0, 0]], bool)) == pytest.approx(2 / 3)
+
+
+def test_training_draw_rejects_unknown_kinds_and_is_seeded():
+    with pytest.raises(P.ProtocolError, match="unknown"):
+        P.draw({"kind": "bogus"}, 3, np.random.default_rng(0))
+    with pytest.raises(P.ProtocolError):
+        P.draw({"kind": "missing-rate"}, 3, np.random.default_rng(0))
+    nat = np.tile([[False, True, True]], (200, 1))
+    a = P.draw({"kind": "conditions"}, 200, np.random.default_rng(3), nat)
+    b = P.draw({"kind": "conditions"}, 200, np.random.default_rng(3), nat)
+    assert np.array_equal(a, b)
+    # the redrawn picks (rows whose first pick was "a") are spread over the usable conditions
+    first = P.draw({"kind": "conditions"}, 200, np.random.default_rng(3))
+    redrawn = a[(first == [True, False, False]).all(1)]
+    assert len({tuple(r) for r in redrawn}) >= 3
+    none = np.zeros((50, 3), bool)  # no modality at all: any pick, still drawn at random
+    c = P.draw({"kind": "conditions"}, 50, np.random.default_rng(4), none)
+    assert len({tuple(r) for r in c}) > 1

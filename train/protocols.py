@@ -230,7 +230,9 @@ def masks(col: str, ids, seed: int, natural=None) -> np.ndarray:
 def realised_rate(present: np.ndarray) -> float:
     """MR = 1 - sum(m) / (N * M) of a presence (or availability) array."""
     present = np.asarray(present, bool)
-    return float(1.0 - present.sum() / max(present.size, 1))
+    if present.size == 0:
+        return 0.0  # no sample: nothing is missing
+    return float(1.0 - present.sum() / present.size)
 
 
 def realised(present: np.ndarray) -> dict:
