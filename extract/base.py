@@ -27,6 +27,7 @@ from typing import ClassVar
 import numpy as np
 
 from manifests.schema import Utterance
+from pipeline import fsutil
 from pipeline.cache import config_hash
 from pipeline.registry import Registry
 
@@ -183,11 +184,7 @@ def file_digest(path: str | Path) -> str:
     key = (str(p), st.st_size, st.st_mtime_ns)
     d = _DIGESTS.get(key)
     if d is None:
-        h = hashlib.blake2b(digest_size=16)
-        with open(p, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-        d = _DIGESTS[key] = h.hexdigest()
+        d = _DIGESTS[key] = fsutil.file_digest(p, "blake2b", digest_size=16)
     return d
 
 

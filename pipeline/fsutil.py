@@ -129,11 +129,11 @@ def atomic_savefig(fig, path: str | Path, **kw) -> Path:
     return path
 
 
-def file_digest(path: str | Path) -> str:
-    """SHA-256 (hex) of a file's bytes."""
+def file_digest(path: str | Path, algorithm: str = "sha256", **params) -> str:
+    """Hex digest of a file's bytes, read in 1 MiB blocks (``params``: e.g. blake2b's digest_size)."""
     import hashlib
 
-    h = hashlib.sha256()
+    h = hashlib.new(algorithm, **params)
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)

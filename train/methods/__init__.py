@@ -81,6 +81,7 @@ def _guard(fn):
     call.guarded = True
     return call
 
+
 class Method(nn.Module):
     name: ClassVar[str]
     exports: ClassVar[tuple[str, ...]] = ()  # parts (attribute = model.<part> config) others may load
