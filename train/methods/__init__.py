@@ -204,8 +204,15 @@ class Method(nn.Module):
         return nn.functional.l1_loss(out.float().view(-1), y.float())
 
     def loss_weight(self, term: str, default: float) -> float:
-        """The weight of a loss term: the config's ``loss.<term>``, else the paper's ``default``."""
-        return float(self.cfg.get("loss", {}).get(term, default))
+        """The weight of a loss term: the config's ``loss.<term>``, else the paper's ``default``. A
+        negative weight would turn a loss into a reward: refused."""
+        w = float(self.cfg.get("loss", {}).get(term, default))
+        if not w >= 0.0:
+            from train.config import ConfigError
+
+            raise ConfigError(f"train/configs/{self.cfg.get('name', self.name)}.yaml: loss.{term} is {w}; "
+                              f"a loss weight must be a number >= 0 (0 switches the term off)")
+        return w
 
     def trainable_parameters(self):
         return [p for p in self.parameters() if p.requires_grad]
