@@ -1,8 +1,8 @@
 """Data views: the task a run trains on, derived from a manifest's labels or values (``data.target``).
 
     {kind: labels}                      the manifest's classes (default; regression if it has values only)
-    {kind: map, classes: {hap: positive, neu: positive, ang: negative, sad: negative}}
-                                        classes merged or renamed (EMMR's IEMOCAP 2-class); labels not
+    {kind: map, classes: {hap: pos, ang: neg, sad: neg}}
+                                        classes merged or renamed (EMMR's IEMOCAP 2-class, neutral left out); labels not
                                         in the map are left out; ``order`` fixes the new class order
     {kind: sign, classes: 3}            negative [-3, 0) / neutral 0 / positive (0, 3] from the value
                                         (EMMR's MOSI 3-class)
