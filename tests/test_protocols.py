@@ -34,6 +34,61 @@ def test_missing_rate_above_two_thirds_is_capped_with_a_warning():
     assert P.realised_rate(keep) == pytest.approx(2 / 3)
 
 
+def test_the_capped_warning_points_at_the_caller():
+    import inspect
+
+    P._WARNED.clear()
+    with pytest.warns(UserWarning, match="keeps exactly one") as rec:
+        line = inspect.currentframe().f_lineno + 1
+        P.masks("mr=0.75", _ids(30), seed=1)
+    assert (rec[0].filename, rec[0].lineno) == (__file__, line)
+    P._WARNED.clear()
+    with pytest.warns(UserWarning, match="keeps exactly one") as rec:
+        line = inspect.currentframe().f_lineno + 1
+        P.draw({"kind": P.RATE, "rate": 0.8}, 30, np.random.default_rng(0))
+    assert (rec[0].filename, rec[0].lineno) == (__file__, line)
+
+
+def test_draw_takes_its_keys_from_the_generator_first():
+    """A single rate or ratio draws nothing before the keys: the batch's masks are the allocation of
+    the generator's first numbers (what resuming from a saved generator state relies on)."""
+    got = P.draw({"kind": P.RATE, "rate": 0.3}, 40, np.random.default_rng(5))
+    assert np.array_equal(got, P.allocate_rate(np.random.default_rng(5).random((40, 3)), 0.3))
+    got = P.draw({"kind": P.RATIO, "ratio": 0.4}, 40, np.random.default_rng(6))
+    g = np.random.default_rng(6)
+    s = g.random(40)
+    assert np.array_equal(got, P.allocate_ratio(s, g.random(40), 0.4))
+
+
+def test_draw_picks_conditions_and_rates_uniformly():
+    rng = np.random.default_rng(0)
+    avail = P.draw({"kind": P.FIXED, "choices": ["a", "v"]}, 20000, rng)
+    share_a = float(avail[:, 0].mean())
+    assert abs(share_a - 0.5) < 0.02  # a biased pick (e.g. index -1 allowed) gives 1/3 or 2/3
+    rates = [P.realised_rate(P.draw({"kind": P.RATE, "rates": [0.1, 0.5]}, 300, rng)) for _ in range(400)]
+    low = np.mean(np.isclose(rates, 0.1))
+    assert abs(low - 0.5) < 0.1 and np.all(np.isclose(rates, 0.1) | np.isclose(rates, 0.5))
+
+
+def test_an_unknown_training_protocol_is_refused():
+    for kind in ("absent", "bogus", "zzz"):
+        with pytest.raises(P.ProtocolError, match="unknown"):
+            P.draw({"kind": kind}, 4, np.random.default_rng(0))
+
+
+def test_the_cap_is_the_rate_over_the_split_natural_absences_included():
+    """A sample with no modality at all counts M missing slots, so at the cap another sample keeps
+    a second one: the split's missing rate is exactly (M - 1) / M."""
+    nat = np.ones((60, 3), bool)
+    nat[0] = False
+    P._WARNED.clear()
+    with pytest.warns(UserWarning):
+        keep = P.masks("mr=0.7", _ids(60), seed=1, natural=nat)
+    seen = keep & nat
+    assert P.realised_rate(seen) == pytest.approx(2 / 3)
+    assert sorted(seen.sum(1)[1:].tolist()).count(2) == 1 and (seen.sum(1)[1:] >= 1).all()
+
+
 @pytest.mark.parametrize("n", [10, 33, 600])
 @pytest.mark.parametrize("eta", [0.0, 0.1, 0.3, 0.5, 1.0])
 def test_missing_ratio_drops_exactly_one_modality_of_round_eta_n(n, eta):

@@ -156,7 +156,7 @@ def _warn_cap(rate: float) -> None:
         return
     _WARNED.add(rate)
     warnings.warn(f"missing rate {rate:g} exceeds {(M - 1) / M:.3f}, the most that keeps one modality per "
-                  "sample; every sample keeps exactly one modality instead", stacklevel=3)
+                  "sample; every sample keeps exactly one modality instead", stacklevel=4)  # masks'/draw's caller
 
 
 def _natural(natural, n: int) -> np.ndarray:
