@@ -15,7 +15,7 @@ import numpy as np
 # every name below stays importable from pipeline.store (callers and tests use them from here)
 from pipeline.store_format import (_INDEX, _INDEX_V1, DTYPES, FAILED, FORMAT, LOCK_TIMEOUT_S, OK,  # noqa: F401
                                    LoadedStore, StoreDamaged, StoreError, _check_dtype, _chunk_frames, _crc,
-                                   _create, _damage_message, _Entry, _now, index_damage_message, lock_path,
+                                   _create, _damage_message, _Entry, _now, chunk_error, index_damage_message, lock_path,
                                    repair_hint, store_lock, store_path)
 from pipeline.store_integrity import StoreChecks
 from pipeline.store_maint import StoreMaintenance, _alive, list_stores, stale_dirs  # noqa: F401
@@ -83,7 +83,14 @@ class FeatureStore(StoreChecks, StoreMaintenance):
             try:
                 g = zarr.open_group(str(self.path), mode="r+" if write else "r")
             except Exception as e:  # noqa: BLE001 - zarr raises several types for a non-store
-                raise StoreError(f"{self.path}: not a readable zarr group ({type(e).__name__}: {e})") from None
+                why = f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+                if isinstance(e, PermissionError):  # not damage: nothing to remove
+                    raise StoreError(f"{self.path}: the store cannot be read ({why}); check its permissions") from None
+                if not (self.path / "zarr.json").is_file():
+                    raise StoreError(f"{self.path}: not a readable zarr group ({why})") from None
+                # the store's own metadata is damaged: nothing left says what the store holds
+                raise StoreError(f"{self.path}: damaged feature store: its zarr.json cannot be read ({why}); it cannot "
+                                 f"be repaired: remove it (rm -r {self.path}) and run `imer features` again") from None
             attrs = dict(g.attrs)
             if attrs.get("imer_store") not in (1, FORMAT):
                 raise StoreError(f"{self.path}: not an imer feature store (no imer_store={FORMAT} attribute)")
@@ -124,11 +131,13 @@ class FeatureStore(StoreChecks, StoreMaintenance):
         missing = self._missing_index_chunks(start, stop)
         if missing:  # zarr would read it back as empty ids and zero offsets
             raise StoreDamaged(index_damage_message(self.path, ", ".join(missing[:3]), self.attrs))
-        try:
-            cols = {k: a[k][start:stop] for k in _INDEX if k in a}
-        except Exception as e:  # noqa: BLE001 - crc32c mismatch or an undecodable index chunk
-            why = f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
-            raise StoreDamaged(index_damage_message(self.path, why, self.attrs)) from None
+        cols = {}
+        for k in (k for k in _INDEX if k in a):
+            try:
+                cols[k] = a[k][start:stop]
+            except Exception as e:  # noqa: BLE001 - crc32c mismatch or an undecodable index chunk
+                why = f"a chunk of index/{k} {chunk_error(e)}"
+                raise StoreDamaged(index_damage_message(self.path, why, self.attrs)) from None
         ids, fps, notes = (cols[k].tolist() for k in ("ids", "fingerprints", "notes"))
         crc = "crc_data" in cols
         for j in range(stop - start):
@@ -213,7 +222,8 @@ class FeatureStore(StoreChecks, StoreMaintenance):
         try:
             x = self._arrays[name][e.offset:e.offset + e.length]
         except Exception as err:  # noqa: BLE001 - crc32c mismatch, undecodable chunk
-            raise StoreDamaged(_damage_message(self.path, {utt_id: f"{name} unreadable: {err}"}), {utt_id: str(err)}) from None
+            why = f"a {name} chunk {chunk_error(err)}"
+            raise StoreDamaged(_damage_message(self.path, {utt_id: why}), {utt_id: why}) from None
         want = e.crc_data if name == "data" else e.crc_mask
         if want is not None and _crc(x) != want:
             why = f"{name} differs from its checksum"
@@ -261,7 +271,7 @@ class FeatureStore(StoreChecks, StoreMaintenance):
             data = self._arrays["data"][:self._frames]
             mask = self._arrays["mask"][:self._frames]
         except Exception as e:  # noqa: BLE001 - crc32c mismatch, undecodable chunk
-            raise StoreDamaged(f"{self.path}: damaged feature store: a chunk cannot be read ({type(e).__name__}: {e}); "
+            raise StoreDamaged(f"{self.path}: damaged feature store: a chunk {chunk_error(e)}; "
                                f"`imer store verify {self.path}` names the utterances; " + repair_hint(self.path)) from None
         bad = {}
         for u, o, n in zip(ids, offs.tolist(), lens.tolist()):
@@ -373,4 +383,6 @@ class FeatureStore(StoreChecks, StoreMaintenance):
             arr[n0:n0 + m] = vals
         self._group.attrs.update({"committed": {"entries": n0 + m, "frames": f0 + k}, "updated": _now()})
         self.refresh(write=True)
+        if k:  # the chunks just written, as written: the planning scan reads them only if they change
+            self._record_chunks(self._chunk_stats(f0, f0 + k), writing=True)
 

@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from pipeline.cache import cache_root
+from pipeline.cache import CacheError, cache_root
 from pipeline.store_format import FORMAT, OK, _create, store_lock
 
 
@@ -79,13 +79,23 @@ class StoreMaintenance:
 
 
 
+def _listing(d: Path) -> list[Path]:
+    """``d``'s entries (not hidden ones), sorted; an unlistable folder is a CacheError (glob would
+    just find nothing there, and the cache would look empty)."""
+    try:
+        return sorted(p for p in d.iterdir() if not p.name.startswith(".")) if d.is_dir() else []
+    except OSError as e:
+        raise CacheError(f"{d}: the feature cache cannot be listed ({e.strerror or e}); check its permissions, "
+                         "or point IMER_CACHE at another cache") from None
+
+
 def list_stores(dataset: str | None = None) -> list[Path]:
     """Store directories under ``<cache>/stores`` (one dataset or all)."""
     root = cache_root() / "stores"
-    dirs = [root / dataset] if dataset else sorted(p for p in root.glob("*") if p.is_dir())
+    dirs = [root / dataset] if dataset else [p for p in _listing(root) if p.is_dir()]
     out = []
     for d in dirs:
-        for p in sorted(d.glob("*")):
+        for p in _listing(d):
             if p.is_dir() and (p / "zarr.json").is_file() and "." not in p.name:
                 out.append(p)
     return out

@@ -1,15 +1,15 @@
 """Predict the emotion of one recording with a trained run, from any subset of audio, video, text.
 
 Features are extracted on the fly with the run's extractor configs (the same stage runner as
-``imer features``, into a throw-away store); the modalities not given are missing, exactly as in
+``imer features``, into a throw-away store in a temp folder: the shared feature cache may be
+read-only); the modalities not given are missing, exactly as in
 the missing-modality test conditions. The class probabilities are averaged over the fold x
 seed models the run's ``run.json`` lists (or taken from one fold with ``fold=``).
 """
 
 from __future__ import annotations
 
-import shutil
-import uuid
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -73,7 +73,6 @@ def extract_inputs(features: dict, inputs: dict, dims: dict, invalid_frames: str
     """{a/v/t: (T, D) features or None} for ``inputs`` ({"audio": path, "video": path, "text": str})
     using the extractor specs ``features`` ({"audio": {name, params}, ...})."""
     from manifests.schema import Manifest, Media, Utterance
-    from pipeline.cache import cache_root
     from pipeline.runner import make_extractor, run_features
     from pipeline.store import FeatureStore, store_path
 
@@ -81,17 +80,18 @@ def extract_inputs(features: dict, inputs: dict, dims: dict, invalid_frames: str
                     video=Media(str(inputs["video"])) if inputs.get("video") else None, text=inputs.get("text"))
     for mod in ("audio", "video"):
         if inputs.get(mod) and not Path(inputs[mod]).is_file():
-            raise PredictError(f"--{mod} {inputs[mod]}: no such file")
-    dataset = f"_predict-{uuid.uuid4().hex[:12]}"
+            what = "not a regular file (a directory, FIFO or device)" if Path(inputs[mod]).exists() else "no such file"
+            raise PredictError(f"--{mod} {inputs[mod]}: {what}")
+    dataset = "_predict"
     out: dict[str, np.ndarray | None] = {m: None for m in MODALITIES}
-    try:
+    with tempfile.TemporaryDirectory(prefix="imer-predict-") as scratch:
         for m in MODALITIES:
             mod = STORE_MODALITY[m]
             if not inputs.get(mod):
                 continue
             ext = make_extractor(features[mod], device)
-            run_features(Manifest([utt], dataset=dataset), [ext], progress=False)
-            store = FeatureStore.open(store_path(dataset, ext.key))
+            run_features(Manifest([utt], dataset=dataset), [ext], progress=False, stores=Path(scratch))
+            store = FeatureStore.open(store_path(dataset, ext.key, root=Path(scratch)))
             fails = store.failures()
             if "input" in fails:
                 raise PredictError(f"--{mod} {inputs[mod]}: {ext.name} could not extract it ({fails['input']['reason']})")
@@ -99,8 +99,6 @@ def extract_inputs(features: dict, inputs: dict, dims: dict, invalid_frames: str
             if x.shape[1] != dims[m]:
                 raise PredictError(f"{ext.name} gives {x.shape[1]}-d features, the run was trained on {dims[m]}-d")
             out[m] = apply_mask(x, np.asarray(store.mask("input"), bool), invalid_frames)
-    finally:
-        shutil.rmtree(cache_root() / "stores" / dataset, ignore_errors=True)
     return out
 
 
