@@ -67,9 +67,19 @@ class Extractor:
     requires: ClassVar[tuple[str, ...]] = ()
     # parameters naming a hub id or local model directory (see config)
     local_model_params: ClassVar[tuple[str, ...]] = ()
+    # The network may run under fp16 / bf16 autocast (``precision``); False: float32 only (signal
+    # processing, face detection geometry, HOG).
+    half_precision: ClassVar[bool] = False
 
     def __init__(self, device: str = "cpu", **params):
-        unknown = set(params) - set(self.defaults)
+        # ``precision`` (every extractor takes it): auto | fp32 | fp16 | bf16, see ``precision``.
+        # Kept in params only when given, so default configs, and their store keys, are unchanged.
+        precision = params.get("precision", "auto")
+        if precision not in ("auto", "fp32", "fp16", "bf16"):
+            raise ValueError(f"extractor {self.name!r}: precision must be auto, fp32, fp16 or bf16, got {precision!r}")
+        if precision in ("fp16", "bf16") and not self.half_precision:
+            raise ValueError(f"extractor {self.name!r} computes in float32 only; drop precision={precision}")
+        unknown = set(params) - set(self.defaults) - {"precision"}
         if unknown:
             raise ValueError(f"extractor {self.name!r}: unknown parameter(s) {sorted(unknown)}; "
                              f"known: {sorted(self.defaults)}")
@@ -92,9 +102,33 @@ class Extractor:
         """Hub id or path plus revision/hash of any model the output depends on."""
         return {}
 
+    @property
+    def precision(self) -> str:
+        """What the network computes in: the ``precision`` parameter when given, else (``auto``)
+        fp16 on CUDA for an extractor whose network allows it (``half_precision`` and ``half_ok``) and float32 on
+        CPU. fp16 rather than bf16 on the GPU: 3 more mantissa bits, and these encoders' activations
+        stay well inside its range (bench/precision_check.py measures both against float32).
+        ``auto`` resolves the device now (the store key depends on it)."""
+        want = self.params.get("precision", "auto")
+        if want != "auto":
+            return want
+        if not (self.half_precision and self.half_ok()):
+            return "fp32"
+        if self.device == "auto":
+            from pipeline.device import concrete_device
+
+            self.device = concrete_device("auto")
+        return "fp16" if str(self.device).startswith("cuda") else "fp32"
+
+    def half_ok(self) -> bool:
+        """Whether ``precision: auto`` may use half precision on CUDA (e.g. a ``fp16`` parameter)."""
+        return True
+
     def config(self) -> dict:
-        """Everything the output depends on; its hash is part of the store key."""
-        params = dict(self.params)
+        """Everything the output depends on; its hash is part of the store key. A precision other
+        than float32 is recorded (half-precision features never share a store with float32 ones);
+        float32 adds nothing, so float32 keys are those of before precisions existed."""
+        params = {k: v for k, v in self.params.items() if k != "precision"}
         for k in self.local_model_params:
             # a local model directory is identified by its content (model_identity), not its path,
             # so checkouts with their own copy of one model share the store
@@ -104,6 +138,8 @@ class Extractor:
                "model": self.model_identity()}
         if self.requires:  # a changed upstream stage changes this stage's key too
             cfg["upstream"] = {n: self.create_upstream(n).key for n in self.requires}
+        if self.precision != "fp32":
+            cfg["precision"] = self.precision
         return cfg
 
     def upstream_params(self) -> dict[str, dict]:

@@ -135,6 +135,7 @@ class Denseface(FaceFeatureExtractor):
     name = "denseface"
     version = "1"
     default = False  # the original weights are not public: a checkpoint must be trained first
+    half_precision = True  # fp16 autocast on CUDA (precision auto); float32 on CPU
     defaults = {"checkpoint": None}  # path; None = $IMER_CACHE/models/denseface.pt
 
     @property
@@ -173,7 +174,9 @@ class Denseface(FaceFeatureExtractor):
     def _forward(self, crops: np.ndarray):
         torch = self._torch
         x = normalise(gray_faces(crops, INPUT_SIZE), self.meta["mean"], self.meta["std"])
-        with torch.inference_mode():
+        from pipeline.device import autocast, precision_dtype
+
+        with torch.inference_mode(), autocast(str(self.device), precision_dtype(self.precision)):
             f, logits = self.model(torch.from_numpy(x).to(self.device))
         return f.float().cpu().numpy(), torch.softmax(logits.float(), -1).cpu().numpy()
 

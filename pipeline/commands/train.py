@@ -51,14 +51,41 @@ def add_arguments(p) -> None:
                                                        "returning a finished one (finished fold x seed models are still reused)")
     p.add_argument("--threads", type=int, help="torch threads when training on CPU (default 1: these small nets "
                                                "gain little from more, and lose much on a busy machine)")
-    p.add_argument("--workers", type=int, default=1, help="train the folds x seeds in N worker processes of one "
-                                                          "torch thread each (dask LocalCluster; default 1: in sequence)")
+    p.add_argument("--workers", type=int, default=None, help="train the folds x seeds in N worker processes of one "
+                                                             "torch thread each (dask LocalCluster; default 1: in sequence; "
+                                                             "with --device cuda and --jobs-per-gpu: GPUs x jobs per GPU)")
+    p.add_argument("--jobs-per-gpu", type=int, default=None, metavar="N",
+                   help="on CUDA: at most N folds x seeds share one GPU, spread over every visible GPU (default with "
+                        "--workers > 1: measured from the model's memory, see train/job_memory.py)")
     p.add_argument("--features", metavar="SET", help="train on a named feature set of train/feature_sets.yaml "
                                                     "instead of the config's (offline: what runs without downloads)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     from pipeline.commands.manifest import add_own_options
 
     add_own_options(p)
+
+
+def _workers(args) -> tuple[int, str]:
+    """(worker processes, device for the cluster's layout): --jobs-per-gpu on CUDA alone means
+    every GPU slot; the device is resolved only when workers run in parallel."""
+    from train.config import ConfigError
+
+    if args.jobs_per_gpu is not None and args.jobs_per_gpu < 1:
+        raise ConfigError(f"--jobs-per-gpu must be at least 1, got {args.jobs_per_gpu}")
+    if args.workers is not None and args.workers < 1:
+        raise ConfigError(f"--workers must be at least 1, got {args.workers}")
+    if (args.workers or 1) == 1 and args.jobs_per_gpu is None:
+        return 1, args.device
+    from pipeline.device import concrete_device
+
+    device = concrete_device(args.device)
+    if args.jobs_per_gpu is not None and not device.startswith("cuda"):
+        raise ConfigError(f"--jobs-per-gpu places jobs on GPUs, but the device is {device}: add --device cuda")
+    if args.workers is None:  # --jobs-per-gpu alone: every GPU slot
+        from pipeline.device import gpu_count, gpu_ids
+
+        return len(gpu_ids(device, gpu_count())) * args.jobs_per_gpu, device
+    return args.workers, device
 
 
 def main(args) -> int:
@@ -97,13 +124,15 @@ def main(args) -> int:
             overrides["eval.conditions"] = [c for e in args.eval for c in expand(e)]
         cfgs = [load_config(m, args.dataset, overrides) for m in methods]
         check_overrides(cfgs, overrides)  # before anything is extracted or trained
-        cluster = Cluster(args.workers)  # one for every listed method, started when first needed
+        workers, device = _workers(args)
+        # one for every listed method, started when first needed; on CUDA its workers are GPU slots
+        cluster = Cluster(workers, device=device, jobs_per_gpu=args.jobs_per_gpu)
         for m, cfg in zip(methods, cfgs):
             train_method(args.dataset, m, folds=args.folds, seeds=args.seeds, device=args.device,
                          data_root=args.data_root, manifest=args.manifest, protocol=args.protocol,
                          results_dir=args.results, run_id=args.run_id, overrides=for_chain(cfg, overrides),
                          resume=not args.fresh, progress=not args.no_progress, threads=args.threads,
-                         workers=args.workers, cluster=cluster)
+                         workers=workers, cluster=cluster)
         cluster.close()
     except (ConfigError, DataError, ManifestError, FileNotFoundError, StoreError, UnsafeCheckpoint,
             ExtractorUnavailable, ProtocolError, ReportError) as e:
