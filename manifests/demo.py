@@ -15,6 +15,8 @@ Each modality carries the emotion with its own strength, drawn independently per
 or ambiguous), so no single modality is perfect and fusing them helps, as in real corpora.
 Ground truth the generator knows goes into each record's ``extra`` keys (see ``_record``); each
 record's ``value`` is a continuous sentiment in [-3, 3] for regression (see ``sentiment``).
+Utterances are grouped into two-speaker conversations (``conversations``): manifest keys only,
+the media and the speaker folds are what they were before conversations existed.
 
 Recipe: ``DATASET = "demo"``, protocol ``speaker``, labels ``LABELS`` in label_index order.
 """
@@ -108,6 +110,7 @@ INTENSITY = dict(audio=(0.3, 1.0), video=(0.2, 1.0))  # uniform ranges of per-ut
 TEXT_MIX = dict(p_ambiguous=0.16, p_neutral=0.04)      # sentences that do not show the emotion
 HEAD_AROUSAL = {"neu": 1.0, "hap": 1.04, "ang": 1.12, "sad": 0.92}  # head-motion amplitude factor
 SAD_HEAD_DROP = 0.5         # pixels the head hangs lower when sad
+CONVERSATION_TURNS = 8      # turns each speaker takes in a demo conversation (16-turn dialogues)
 # Continuous sentiment in [-3, 3] (the MOSI/MOSEI scale), for the regression path: the emotion's
 # valence times how strongly voice and face show it (the drawn intensities, which the media carry).
 VALENCE = {"neu": 0.0, "hap": 1.0, "ang": -1.0, "sad": -1.0}
@@ -276,6 +279,29 @@ def _record(p: Plan, spk: Speaker, duration: float, n_frames: int, occluded) -> 
     }
 
 
+def conversations(utts: list[Utterance], turns_per_speaker: int = CONVERSATION_TURNS) -> None:
+    """Group the utterances into conversations of two speakers, in place (``conversation``,
+    ``turn``): speakers are paired in fold order (S01F with S02M, S03F with S04M, ...; an odd
+    one out talks alone); each speaker's utterances, in id order, are cut into runs of
+    ``turns_per_speaker`` and the k-th runs of a pair alternate turn by turn in conversation k.
+    A pair is a speaker-fold's test and validation speakers (fold 1, 3, ...: as MMIN's IEMOCAP
+    folds split a session) or its test speaker and a training one (fold 2, 4, ...); a method
+    that reads conversations only ever sees the part of one inside the split at hand
+    (``train.conversations``)."""
+    by_spk: dict[str, list[Utterance]] = {}
+    for u in sorted(utts, key=lambda u: u.id):
+        by_spk.setdefault(u.speaker, []).append(u)
+    speakers = sorted(by_spk)
+    for p in range(0, len(speakers), 2):
+        pair = speakers[p:p + 2]
+        runs = [[by_spk[s][i:i + turns_per_speaker] for i in range(0, len(by_spk[s]), turns_per_speaker)] for s in pair]
+        for k in range(max(len(r) for r in runs)):
+            parts = [r[k] if k < len(r) else [] for r in runs]
+            order = [x for i in range(max(map(len, parts))) for x in (part[i] for part in parts if i < len(part))]
+            for t, u in enumerate(order):
+                u.conversation, u.turn = f"{'-'.join(pair)}_{k + 1:02d}", t
+
+
 def speaker_folds(utts: list[Utterance]) -> list[Fold]:
     """Fold k: test = speaker k, validation = the next speaker, train = the rest."""
     speakers = sorted({u.speaker for u in utts})
@@ -362,6 +388,7 @@ def _write_corpus(d: Path, seed: int, size, stamp: dict, progress: bool) -> None
     speech = synthesize_batch([(p.text, p.speaker.voice, Prosody(**p.prosody), p.seed) for p in plans])
     utts = [_render(p, s, d) for p, s in zip(tqdm(plans, desc="demo corpus", unit="utt", disable=not progress,
                                                   leave=False), speech)]
+    conversations(utts)
     write_manifest(d / "manifest.jsonl", utts, DATASET, labels=LABELS, root=None)
     write_folds(d / "folds-speaker.json", speaker_folds(utts), "speaker")
     from manifests import _demo_face, _demo_tts
@@ -414,6 +441,7 @@ def build(data_root: Path | None, out_dir: Path) -> Path:
         u.value = sentiment(u.label, u.extra["audio_intensity"], u.extra["video_intensity"])
         u.dataset = DATASET
         utts.append(u)
+    conversations(utts)  # from the ids, so corpora generated before conversations existed get them too
     out_dir = Path(out_dir)
     path = write_manifest(out_dir / "manifest.jsonl", utts, DATASET, labels=LABELS, root=corpus)
     write_folds(out_dir / "folds-speaker.json", speaker_folds(utts), "speaker")

@@ -31,7 +31,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from manifests._common import compare_counts, find_root, finish_folds, split_off, stop_on_mismatch
-from manifests.schema import Fold, ManifestError, Media, Utterance, write_manifest
+from manifests.schema import Fold, ManifestError, Media, Utterance, number_turns, write_manifest
 
 DATASET = "iemocap"
 PROTOCOLS = ["mmin10", "loso5"]
@@ -120,6 +120,7 @@ def build(data_root: Path | None, out_dir: Path, accept_counts: bool = False, se
     all_labels: Counter = Counter()
     utts: list[Utterance] = []
     missing: Counter = Counter()
+    starts: dict[str, float] = {}
     for sdir in tqdm(sessions, desc="iemocap sessions", unit="session"):
         emo_dir = sdir / "dialog" / "EmoEvaluation"
         if not emo_dir.is_dir():
@@ -135,6 +136,7 @@ def build(data_root: Path | None, out_dir: Path, accept_counts: bool = False, se
             avi = sdir / "dialog" / "avi" / "DivX" / f"{dialog}.avi"
             for rec in parse_emo_evaluation(ev):
                 utt = rec["id"]
+                starts[utt] = rec["start"]
                 all_labels[rec["emotion"]] += 1
                 lab = MAP4.get(rec["emotion"])
                 if lab is None:  # xxx, fru, sur, fea, oth, dis: not in the 4-class protocol
@@ -152,9 +154,12 @@ def build(data_root: Path | None, out_dir: Path, accept_counts: bool = False, se
                     audio=Media(str(wav.relative_to(root))) if wav.is_file() else None,
                     video=Media(str(avi.relative_to(root)), rec["start"], rec["end"], side_of(utt)) if avi.is_file() else None,
                     text=texts.get(utt),
-                    extra={"emotion": rec["emotion"], "vad": rec["vad"]}))
+                    extra={"emotion": rec["emotion"], "vad": rec["vad"]},
+                    conversation=dialog))
     if not utts:
         raise ManifestError(f"iemocap: no 4-class utterances found under {root}")
+    # the dialogue is the conversation; its (4-class) turns numbered in order of their start time
+    number_turns(utts, lambda u: starts[u.id])
     for m, n in missing.items():
         print(f"iemocap: {n} utterances have no {m} file (kept without that modality)")
 

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from manifests._cmu import existing, read_sentiment_csv, standard_splits, write_standard_folds
 from manifests._common import layout_error, need_root
-from manifests.schema import ManifestError, Media, Utterance, write_manifest
+from manifests.schema import ManifestError, Media, Utterance, number_turns, write_manifest
 
 DATASET = "mosei"
 ALIASES = ["cmu-mosei"]
@@ -130,7 +130,9 @@ def build(data_root: Path | None, out_dir: Path, labels: str | Path | None = Non
             utts.append(Utterance(id=uid, dataset=DATASET, session=vid, value=value,
                                   audio=Media(mp4) if mp4 else None, video=Media(mp4) if mp4 else None,
                                   text=seg["text"] or None,
-                                  extra={"segment": int(seg["seg"]), "span": [seg["start"], seg["end"]]}))
+                                  extra={"segment": int(seg["seg"]), "span": [seg["start"], seg["end"]]},
+                                  conversation=vid))
+    number_turns(utts, lambda u: u.extra["segment"])  # a video is one conversation, its segments in order
     if unmatched:
         print(f"mosei: {unmatched} transcript segments have no label in {src.name} (left out)")
     if not utts:

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from manifests._cmu import existing, read_sentiment_csv, standard_splits, write_standard_folds
 from manifests._common import compare_counts, layout_error, need_root, stop_on_mismatch
-from manifests.schema import ManifestError, Media, Utterance, write_manifest
+from manifests.schema import ManifestError, Media, Utterance, number_turns, write_manifest
 
 DATASET = "mosi"
 ALIASES = ["cmu-mosi"]
@@ -72,7 +72,9 @@ def build(data_root: Path | None, out_dir: Path, splits: str | Path | None = Non
         utts.append(Utterance(id=uid, dataset=DATASET, session=vid, value=rec["value"],
                               audio=Media(wav) if wav else None, video=Media(mp4) if mp4 else None,
                               text=texts[vid].get(seg),
-                              extra={"segment": int(seg), "span": [rec["start"], rec["end"]]}))
+                              extra={"segment": int(seg), "span": [rec["start"], rec["end"]]},
+                              conversation=vid))
+    number_turns(utts, lambda u: u.extra["segment"])  # a video is one conversation, its segments in order
     if not utts:
         raise ManifestError(f"mosi: {root / LABELS_CSV} lists no segments")
     for m in ("audio", "video", "text"):

@@ -38,7 +38,7 @@ from tqdm import tqdm
 
 from manifests._common import (compare_counts, layout_error, need_root, finish_folds, split_off,
                                stop_on_mismatch)
-from manifests.schema import Fold, ManifestError, Media, Utterance, write_manifest
+from manifests.schema import Fold, ManifestError, Media, Utterance, number_turns, write_manifest
 
 DATASET = "msp-improv"
 ALIASES = ["msp_improv", "mspimprov"]
@@ -174,7 +174,11 @@ def build(data_root: Path | None, out_dir: Path, accept_counts: bool = False, se
             video=Media(str(avi.relative_to(root))) if avi else None,
             text=text or None,
             extra={"turn": turn, "sentence": int(sentence), "target": target,
-                   "duration": round(dur, 4), "avdn": [None if math.isnan(v) else v for v in rec["avdn"]]}))
+                   "duration": round(dur, 4), "avdn": [None if math.isnan(v) else v for v in rec["avdn"]]},
+            # one improvisation: target sentence and emotion, session, scenario; both actors' turns
+            conversation=f"S{sentence}{target}-{sess}-{scen}"))
+    # turns in the order of the number in the name's last field (FM01, MF02, ...)
+    number_turns(utts, lambda u: int("".join(c for c in u.extra["turn"] if c.isdigit()) or 0))
     for why, n in sorted(dropped.items()):
         print(f"msp-improv: dropped {n} other-improvised utterances: {why}")
     if not utts:

@@ -2,7 +2,9 @@
 
 One row / JSON object per utterance. ``id`` is required; everything else is optional:
 ``audio``, ``video`` (file paths, relative to ``data_root`` or else to the file's folder),
-``text``, ``label`` (a class name), ``value`` (a regression target), ``speaker``, ``session``;
+``text``, ``label`` (a class name), ``value`` (a regression target), ``speaker``, ``session``,
+``conversation`` (the dialogue an utterance belongs to) and ``turn`` (its position there: an
+integer; without it, a conversation's rows are numbered in file order);
 CSV may add ``audio_start``, ``audio_end``, ``video_start``, ``video_end`` (seconds) and
 ``video_side`` (left/right); in JSONL ``audio``/``video`` may instead be objects
 ``{"path", "start", "end", "side"}``. Other columns are kept under ``extra``.
@@ -39,7 +41,7 @@ DATASET = "own"
 PROTOCOLS = ["kfold"]
 CONVERTS = True  # load_manifest("own", manifest=FILE) converts FILE through build()
 COLUMNS = {"id", "audio", "video", "text", "label", "value", "speaker", "session",
-           "audio_start", "audio_end", "video_start", "video_end", "video_side"}
+           "audio_start", "audio_end", "video_start", "video_end", "video_side", "conversation", "turn"}
 
 
 def _rows(source: Path):
@@ -87,6 +89,47 @@ def _num(v, where: str, what: str) -> float | None:
         raise ManifestError(f"{where}: {what} must be a number, got {v!r}") from None
 
 
+def _turn(row: dict, where: str) -> int | None:
+    v = row.get("turn")
+    if v is None or v == "":
+        return None
+    if row.get("conversation") in (None, ""):
+        raise ManifestError(f"{where}: turn {v!r} given without a conversation; name the conversation "
+                            "the turn belongs to, or leave the turn empty")
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        f = -1.0
+    if isinstance(v, bool) or f != int(f) or f < 0:
+        raise ManifestError(f"{where}: turn must be a position 0, 1, 2, ... in its conversation, got {v!r}")
+    return int(f)
+
+
+def _number_unturned(recs: list[Utterance], source: Path) -> None:
+    """A conversation gives every row a turn or none (then they are numbered in file order);
+    two rows of one conversation may not share a turn."""
+    by_conv: dict[str, list[Utterance]] = {}
+    for u in recs:
+        if u.conversation is not None:
+            by_conv.setdefault(u.conversation, []).append(u)
+    for conv, rows in by_conv.items():
+        given = [u for u in rows if u.turn is not None]
+        if not given:
+            for k, u in enumerate(rows):
+                u.turn = k
+            continue
+        if len(given) != len(rows):
+            u = next(u for u in rows if u.turn is None)
+            raise ManifestError(f"{source}:{u.extra['_line']}: conversation {conv!r} numbers some rows' turns "
+                                "but not this one; give every row of it a turn, or none")
+        seen: dict[int, int] = {}
+        for u in rows:
+            if u.turn in seen:
+                raise ManifestError(f"{source}:{u.extra['_line']}: turn {u.turn} of conversation {conv!r} "
+                                    f"is also on line {seen[u.turn]}; each turn is one utterance")
+            seen[u.turn] = u.extra["_line"]
+
+
 def _media(row: dict, key: str, base: Path, where: str) -> Media | None:
     v = row.get(key)
     if v is None or v == "":
@@ -107,8 +150,11 @@ def _media(row: dict, key: str, base: Path, where: str) -> Media | None:
     p = Path(m.path).expanduser()
     if p.is_absolute():
         m.path = str(p)
-    if not (p if p.is_absolute() else base / p).is_file():
-        raise ManifestError(f"{where}: {key} file {m.path!r} not found (relative paths are taken from {base}); "
+    full = p if p.is_absolute() else base / p
+    if not full.is_file():
+        # a FIFO, directory or device exists but cannot be read as a media file: say so, not "not found"
+        what = "is not a regular file (a directory, FIFO or device)" if full.exists() else "not found"
+        raise ManifestError(f"{where}: {key} file {m.path!r} {what} (relative paths are taken from {base}); "
                             "fix the path or leave the cell empty for a missing modality")
     return m
 
@@ -134,13 +180,16 @@ def convert(source: Path, base: Path, classes: list[str] | None = None) -> tuple
             label=label, value=_num(row.get("value"), where, "value"),
             audio=_media(row, "audio", base, where), video=_media(row, "video", base, where),
             text=(str(text) if text not in (None, "") else None),
-            extra={k: v for k, v in row.items() if k not in COLUMNS and v not in (None, "")}))
+            extra={k: v for k, v in row.items() if k not in COLUMNS and v not in (None, "")},
+            conversation=(str(row["conversation"]) if row.get("conversation") not in (None, "") else None),
+            turn=_turn(row, where)))
         recs[-1].extra["_line"] = no
     seen: dict[str, int] = {}
     for u in recs:
         if u.id in seen:
             raise ManifestError(f"{source}:{u.extra['_line']}: duplicate id {u.id!r} (first on line {seen[u.id]})")
         seen[u.id] = u.extra["_line"]
+    _number_unturned(recs, source)
     for u in recs:
         u.extra.pop("_line")
     if not recs:

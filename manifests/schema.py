@@ -6,11 +6,14 @@ A record (all keys but ``id`` optional)::
      "label": "neu", "label_index": 2, "value": null,
      "audio": {"path": "Session1/sentences/wav/.../x.wav", "start": null, "end": null},
      "video": {"path": "Session1/dialog/avi/DivX/x.avi", "start": 6.29, "end": 8.24, "side": "left"},
-     "text": "Excuse me."}
+     "text": "Excuse me.", "conversation": "Ses01F_impro01", "turn": 0}
 
 Relative media paths are resolved against ``root`` (stored in the manifest's first line as a
 header record ``{"_manifest": 1, "root": ..., "dataset": ..., "labels": [...]}``) or, failing that,
 the manifest file's directory. ``start``/``end`` are seconds within the file (null = whole file).
+``conversation`` (optional) names the dialogue an utterance belongs to and ``turn`` its position
+in it (0, 1, ...): what a conversation-level method (GCNet) reads; records without them are
+written as before.
 """
 
 from __future__ import annotations
@@ -46,9 +49,14 @@ class Utterance:
     video: Media | None = None
     text: str | None = None
     extra: dict = field(default_factory=dict)
+    conversation: str | None = None  # dialogue id (IEMOCAP dialogue, MOSI video, ...)
+    turn: int | None = None          # position in that conversation, from 0
 
     def to_json(self) -> dict:
         d = asdict(self)
+        for k in ("conversation", "turn"):  # absent, not null: manifests without them stay byte-identical
+            if d[k] is None:
+                d.pop(k)
         for k in ("audio", "video"):
             if d[k] is not None and d[k].get("side") is None:
                 d[k].pop("side", None)
@@ -74,6 +82,10 @@ class Utterance:
         extra = {k: v for k, v in d.items() if k not in known}
         d = {k: v for k, v in d.items() if k in known}
         d.setdefault("extra", {}).update(extra)
+        if d.get("turn") is not None and (isinstance(d["turn"], bool) or not isinstance(d["turn"], int)):
+            raise TypeError(f"turn must be an integer position, got {d['turn']!r}")
+        if d.get("conversation") is not None:
+            d["conversation"] = str(d["conversation"])
         return cls(**d)
 
 
@@ -156,6 +168,18 @@ class Fold:
     train: list[str]
     val: list[str]
     test: list[str]
+
+
+def number_turns(utts: Iterable[Utterance], key) -> None:
+    """Set each utterance's ``turn`` to its rank, by ``key(u)``, among the utterances of its
+    ``conversation`` (those without a conversation are left alone)."""
+    groups: dict[str, list[Utterance]] = {}
+    for u in utts:
+        if u.conversation is not None:
+            groups.setdefault(u.conversation, []).append(u)
+    for members in groups.values():
+        for k, u in enumerate(sorted(members, key=lambda u: (key(u), u.id))):
+            u.turn = k
 
 
 def check_speaker_disjoint(folds: list[Fold], speakers: dict[str, str | None], where: str = "folds") -> None:

@@ -25,7 +25,7 @@ from pipeline.fsutil import atomic_write_json, atomic_write_text, safe_name
 from train import protocols
 from train.config import everywhere, list_configs, load_config
 
-DEFAULT_METHODS = ["baseline", "baseline-aug", "mmin", "if-mmin", "emmr", "cm-arr", "imder"]
+DEFAULT_METHODS = ["baseline", "baseline-aug", "mmin", "if-mmin", "emmr", "cm-arr", "imder", "gcnet", "momke"]
 COLUMNS = [*protocols.expand("conditions"), *protocols.expand("missing-rate"), *protocols.expand("missing-ratio")]
 
 
@@ -108,20 +108,22 @@ def plan(methods: list[str], folds: list, seeds: list[int], dataset: str) -> lis
 
 
 def run_job(job: Job, ctx: Context, *_deps) -> dict:
-    """One fold x seed of one method, in a worker (``_deps``: finished prerequisite jobs)."""
-    from pipeline.device import torch_threads
+    """One fold x seed of one method, in a worker (``_deps``: finished prerequisite jobs); on a
+    worker pinned to a GPU the job runs on that GPU (``pipeline.device.worker_device``)."""
+    from pipeline.device import torch_threads, worker_device
     from train.run import Experiment, results_root
 
     cfg = ctx.config(job.method)
     data = ctx.data_for(cfg)
     fold = next(f for f in ctx.folds if f.name == job.fold)
     run_dir = ctx.run_dir(job.method)
-    exp = Experiment(data, ctx.folds, cfg, run_dir, dataset=ctx.dataset, device=ctx.device,
+    device = worker_device(ctx.device)
+    exp = Experiment(data, ctx.folds, cfg, run_dir, dataset=ctx.dataset, device=device,
                      root=results_root(ctx.results_dir), progress=False, log=lambda *_: None)
     out = run_dir / "folds" / safe_name(job.fold) / f"seed{job.seed}"
     done_before = (out / "result.json").is_file()
     t0 = time.perf_counter()
-    with torch_threads(ctx.device, 1):
+    with torch_threads(device, 1):
         res = exp.run_fold(cfg, fold, job.seed, out)
     return {"job": job.key, "time_s": time.perf_counter() - t0, "signature": res["signature"], "reused": done_before}
 
@@ -149,16 +151,18 @@ def runs_id(dataset: str, overrides: dict) -> str:
 
 
 def sweep(jobs: list[Job], ctx: Context, workers: int = 1, scheduler: str | None = None, log=print,
-          fn=run_job) -> dict:
+          fn=run_job, jobs_per_gpu: int | None = None) -> dict:
     """Run ``jobs`` on dask.distributed (``fn(job, ctx, *prerequisite outcomes)`` each); {job key:
-    outcome or error text}, in order of completion."""
+    outcome or error text}, in order of completion. On CUDA (``ctx.device``) the workers are GPU
+    slots, ``jobs_per_gpu`` per GPU (``pipeline.cluster``), and every job asks for its share."""
     from dask.distributed import as_completed
     from tqdm.auto import tqdm
 
     from pipeline.cluster import Cluster
 
-    cluster = Cluster(workers, scheduler)
+    cluster = Cluster(workers, scheduler, device=getattr(ctx, "device", "cpu"), jobs_per_gpu=jobs_per_gpu)
     client = cluster.get()
+    resources = cluster.task_resources()
     futures, outcomes, index = {}, {}, {}
     # Jobs go to dask in plan order, none more than a seed's worth ahead of the earliest unfinished
     # one: given all at once, dask runs them in an order of its own (dependants' chains first, queued
@@ -176,7 +180,7 @@ def sweep(jobs: list[Job], ctx: Context, workers: int = 1, scheduler: str | None
                 deps = [futures[d.key] for d in _requires(job, jobs, ctx.dataset)]
                 # the priority orders the ready jobs inside the bound (earlier first); alone it did not
                 fut = client.submit(fn, job, ctx, *deps, key=f"imer-{ctx.compare_id}-{job.key}",
-                                    retries=1, pure=False, priority=len(jobs) - nxt)
+                                    retries=1, pure=False, priority=len(jobs) - nxt, resources=resources)
                 futures[job.key], index[fut.key] = fut, nxt
                 ac.add(fut)
                 nxt += 1
@@ -196,6 +200,24 @@ def sweep(jobs: list[Job], ctx: Context, workers: int = 1, scheduler: str | None
     finally:
         cluster.close()
     return outcomes
+
+
+def gpu_plan(ctx: Context, jobs: list[Job], workers: int | None, scheduler: str | None, jobs_per_gpu: int | None,
+             log=print) -> tuple[int, int | None]:
+    """(workers, jobs per GPU) of a sweep: on CUDA without a scheduler, jobs per GPU measured when
+    not given (``train.job_memory.choose``) and every GPU slot a worker unless ``workers`` says
+    fewer; elsewhere ``workers`` as given (default 1) and no GPU layout."""
+    if not str(ctx.device).startswith("cuda") or scheduler:
+        return max(1, int(workers or 1)), jobs_per_gpu
+    from pipeline.device import gpu_count, gpu_ids
+
+    gpus = len(gpu_ids(ctx.device, gpu_count()))
+    if not jobs_per_gpu:
+        from train import job_memory
+
+        cfgs = [ctx.config(n) for n in dict.fromkeys(j.method for j in jobs)]
+        jobs_per_gpu = job_memory.choose(cfgs, ctx.data_for, ctx.folds[0], gpus, log)
+    return min(int(workers or gpus * jobs_per_gpu), gpus * jobs_per_gpu), int(jobs_per_gpu)
 
 
 def _requires(job: Job, jobs: list[Job], dataset: str) -> list[Job]:
@@ -235,11 +257,14 @@ def _yaml(obj) -> str:
 
 
 def compare(dataset: str, methods=None, *, features: dict | None = None, overrides: dict | None = None,
-            folds=None, seeds=None, workers: int = 1, scheduler: str | None = None, device: str = "cpu",
+            folds=None, seeds=None, workers: int | None = 1, scheduler: str | None = None, device: str = "cpu",
+            jobs_per_gpu: int | None = None,
             results_dir=None, data=None, fold_list=None, data_root=None, manifest=None, meta: dict | None = None,
             progress: bool = True, log=print) -> Path:
     """Train (or reuse) and evaluate every method on every fold x seed; write the comparison
-    report; returns its folder ``results/<dataset>/compare/<id>/``."""
+    report; returns its folder ``results/<dataset>/compare/<id>/``. On CUDA ``workers`` None
+    means every GPU slot, ``jobs_per_gpu`` None the default measured from the methods' sizes
+    (``train.job_memory``)."""
     from train.compare_report import write_report
     from train.config import feature_set
     from train.run import parse_seeds, results_root, select_folds
@@ -271,11 +296,12 @@ def compare(dataset: str, methods=None, *, features: dict | None = None, overrid
         for m in methods:
             ctx.data_for(ctx.config(m), workers if not scheduler else 1)
     jobs = plan(methods, folds_sel, seeds, dataset)
+    workers, jobs_per_gpu = gpu_plan(ctx, jobs, workers, scheduler, jobs_per_gpu, log)
     t0 = time.perf_counter()
     log(f"compare {cid}: {len(methods)} methods x {len(folds_sel)} folds x {len(seeds)} seeds = "
         f"{sum(j.listed for j in jobs)} jobs (+{sum(not j.listed for j in jobs)} prerequisite jobs), "
         f"{workers if not scheduler else 'scheduler'} worker(s)")
-    outcomes = sweep(jobs, ctx, workers, scheduler, log)
+    outcomes = sweep(jobs, ctx, workers, scheduler, log, jobs_per_gpu=jobs_per_gpu)
     wall = time.perf_counter() - t0
     failed = {k: o["error"] for k, o in outcomes.items() if "error" in o}
     runs = finish_runs(ctx, methods, seeds, {"features_override": features, **(meta or {})})
@@ -283,6 +309,7 @@ def compare(dataset: str, methods=None, *, features: dict | None = None, overrid
     out_dir.mkdir(parents=True, exist_ok=True)
     info = {"id": cid, "dataset": dataset, "methods": methods, "folds": [f.name for f in folds_sel], "seeds": seeds,
             "features": features, "overrides": overrides or {}, "columns": COLUMNS, "workers": workers,
+            "jobs_per_gpu": jobs_per_gpu,
             "scheduler": scheduler, "wall_s": wall, "failed": failed,
             "reused_jobs": sum(bool(o.get("reused")) for o in outcomes.values()),
             "job_time_s": {k: o.get("time_s") for k, o in outcomes.items()}, "cpu_count": os.cpu_count()}
