@@ -95,7 +95,7 @@ def device_info(device: str) -> dict:
 
 def pick(man, n: int | None, dataset: str):
     """The first ``n`` utterances of each speaker in turn (all when None), as a manifest of ``dataset``."""
-    from precision_check import pick as spread
+    from bench_precision import pick as spread
 
     sub = spread(man, n or len(man))
     sub.dataset = dataset
@@ -127,7 +127,7 @@ def extract_all(man, device: str, precision: str, n_compare: int, denseface=None
     """(one row per extractor, {extractor name: store path}) for ``man`` on ``device``."""
     from extract.base import ExtractorUnavailable, create
     from pipeline.runner import run_features
-    from precision_check import compare
+    from bench_precision import compare
 
     rows, paths = [], {}
     ref_man = pick(man, n_compare, "gpucheck-cpu")

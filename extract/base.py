@@ -107,7 +107,7 @@ class Extractor:
         """What the network computes in: the ``precision`` parameter when given, else (``auto``)
         fp16 on CUDA for an extractor whose network allows it (``half_precision`` and ``half_ok``) and float32 on
         CPU. fp16 rather than bf16 on the GPU: 3 more mantissa bits, and these encoders' activations
-        stay well inside its range (bench/precision_check.py measures both against float32).
+        stay well inside its range (bench/bench_precision.py measures both against float32).
         ``auto`` resolves the device now (the store key depends on it)."""
         want = self.params.get("precision", "auto")
         if want != "auto":

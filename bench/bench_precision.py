@@ -14,14 +14,17 @@ denseface when their weights are here, and ``wav2vec2 (random init)``: wav2vec2-
 with random weights (what a CPU-only machine without the weights can still check; trained weights
 have other activation statistics).
 
-    .venv/bin/python bench/precision_check.py [--utterances 16] [--audio-utterances 6] [--no-random]
+    .venv/bin/python bench/bench_precision.py [--utterances 16] [--audio-utterances 6] [--no-random]
+    .venv/bin/python bench/run.py precision --docs docs/extractors.md   # pastes the table in the docs
 Writes bench/results/precision.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -95,7 +98,8 @@ def candidates(tmp: Path, with_random: bool) -> list[tuple[str, str, dict]]:
                 create(name, device="cpu", **params).load()
             ok.append((label, name, params))
         except ExtractorUnavailable as e:
-            print(f"{label}: skipped ({str(e).splitlines()[0][:140]})")
+            why = re.split(r"[;(]", str(e).splitlines()[0])[0].strip()  # its first clause: what is missing
+            print(f"{label}: skipped ({why.replace(str(Path.home()), '~')})")
     if with_random:
         ok.append(("wav2vec2 (random init)", "wav2vec2", {"model": str(random_wav2vec2(tmp))}))
     return ok
@@ -120,7 +124,8 @@ def main(argv=None) -> dict:
 
     man = load_manifest("demo", manifest=args.manifest)  # read before IMER_CACHE moves to the temporary cache
     rows = {}
-    with tempfile.TemporaryDirectory() as tmp:
+    cache = os.environ.get("IMER_CACHE")
+    with tempfile.TemporaryDirectory() as tmp, _restore_cache(cache):
         todo = candidates(Path(tmp), not args.no_random)  # denseface's checkpoint: in the user's cache
         os.environ["IMER_CACHE"] = tmp
         for label, name, params in todo:
@@ -141,10 +146,27 @@ def main(argv=None) -> dict:
             print(f"{label:<24}{p:<6}{f['utterances']:>5}{f['frames']:>8}{f['max_abs']:>11.3g}{f['rel']:>10.3g}"
                   f"{f['cos_mean']:>11.6f}{f['cos_min']:>10.6f}")
     if not args.no_write:
+        import io
+
         from common import write_result
 
-        write_result("precision", {"cpu_autocast_vs_fp32": rows, "torch": torch.__version__})
+        # write_result echoes the JSON; kept off stdout so bench/run.py --docs pastes the table alone
+        with contextlib.redirect_stdout(io.StringIO()):
+            path = write_result("precision", {"cpu_autocast_vs_fp32": rows, "torch": torch.__version__})
+        print(f"(written to bench/results/{path.name})", file=sys.stderr)
     return rows
+
+
+@contextlib.contextmanager
+def _restore_cache(old: str | None):
+    """Put IMER_CACHE back afterwards: bench/run.py runs the next bench in this same process."""
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("IMER_CACHE", None)
+        else:
+            os.environ["IMER_CACHE"] = old
 
 
 if __name__ == "__main__":
