@@ -23,6 +23,13 @@ FLOPs: torch's FlopCounterMode, with the LSTM kernels it does not count (oneDNN 
 
     .venv/bin/python bench/bench_train.py [--batches 2] [--device auto] [--threads N] [--skip-demo]
                                           [--methods baseline,emmr]
+    .venv/bin/python bench/bench_train.py --steps [--before /tmp/imer-before] [--rounds 3] [--batches 2]
+
+``--steps`` times only the training step, before vs after (``bench/train_step.py``): two worker
+processes of one thread, one on the code at ``--before`` (a checkout of an earlier commit) or on
+this code with the unfused optimiser, asked in turn; ms per step on the demo (a whole epoch) and on
+the IEMOCAP-sized set (``--batches`` batches of 128), median of ``--rounds``, and both sides'
+training loss (the same computation up to float rounding).
 Writes bench/results/train.json.
 """
 
@@ -299,7 +306,22 @@ def main() -> None:
     ap.add_argument("--skip-demo", action="store_true", help="only the synthetic IEMOCAP-sized set")
     ap.add_argument("--methods", default=",".join(METHODS),
                     help="comma-separated configs to time (default all); others' earlier figures are kept")
+    ap.add_argument("--steps", action="store_true", help="only the training step, before vs after (bench/train_step.py)")
+    ap.add_argument("--before", default=None, help="--steps: a checkout of the earlier code (default: this code, unfused optimiser)")
     args, _ = ap.parse_known_args()
+    if args.steps:
+        from train_step import compare
+
+        methods = [m for m in args.methods.split(",") if m]
+        datasets = (["demo"] if not args.skip_demo else []) + (["iemocap-synthetic"] if args.batches > 0 else [])
+        t = time.perf_counter()
+        res = compare(methods, datasets, args.rounds, max(args.batches, 1), args.before)
+        res.update(torch_threads=1, cpu_count=os.cpu_count(), load_avg_1min_end=round(os.getloadavg()[0], 2),
+                   bench_s=round(time.perf_counter() - t, 1), time=time.strftime("%Y-%m-%dT%H:%M:%S"))
+        earlier = _earlier("step")  # a run timing some methods keeps the others' figures
+        res.update({ds: {**earlier.get(ds, {}), **res[ds]} for ds in datasets})
+        write_result("train", {"step": {**earlier, **res}})
+        return
 
     import torch
 

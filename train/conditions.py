@@ -63,7 +63,32 @@ def apply_availability(batch: dict, avail) -> dict:
     out.update(x_full=full, lengths_full=lengths, frame_mask_full=fmask, avail=avail)
     out["present"] = present = batch["natural"] & avail
     out.update(masked_view(full, lengths, fmask, present))
-    return out
+    return sealed(out)
+
+
+SEAL = "_masked"  # the batch key of ``sealed``
+
+
+def _inputs(batch: dict) -> tuple:
+    return (batch["present"], *(t for k in ("x", "lengths", "frame_mask") for t in batch[k].values()))
+
+
+def sealed(batch: dict) -> dict:
+    """``batch`` (masked by ``present``) marked so that ``is_sealed`` can tell it is still exactly
+    what the masking made: its input tensors themselves and their in-place version counters. The
+    methods' guard then skips masking it again (a full copy of every modality per call)."""
+    batch[SEAL] = tuple((t, t._version) for t in _inputs(batch))
+    return batch
+
+
+def is_sealed(batch: dict) -> bool:
+    """True when ``batch``'s ``present``, ``x``, ``lengths`` and ``frame_mask`` are the very tensors
+    ``sealed`` saw, unchanged since: any replaced or modified one (a caller's tampering) is False."""
+    seal = batch.get(SEAL)
+    if seal is None:
+        return False
+    now = _inputs(batch)
+    return len(now) == len(seal) and all(a is t and t._version == v for a, (t, v) in zip(now, seal))
 
 
 def masked_view(x: dict, lengths: dict, frame_mask: dict, keep) -> dict:

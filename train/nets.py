@@ -10,10 +10,36 @@ initialisation (``model.init``).
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 
 from train.conditions import MODALITIES
+
+
+def by_length(x: torch.Tensor, lengths: torch.Tensor, fn, min_steps: int = 1) -> torch.Tensor:
+    """``fn(x, lengths)`` computed per group of rows, each group cut to the steps its rows read,
+    outputs back in row order: rows of length 1 on their first ``min_steps`` steps, the others up
+    to the longest of them. A masked or absent modality is one zero frame, so in MMIN's missing
+    conditions half the rows of each encoder are length 1 and the batch's padded steps are mostly
+    theirs. Exact for ``fn`` whose output for a row depends only on its first max(length,
+    ``min_steps``) steps (a unidirectional LSTM pooled over the valid steps, TextCNN's valid
+    windows); the kernels' rounding may differ with the batch shape. CPU only: on a GPU the
+    padded steps run in parallel and the split would cost a device sync."""
+    if x.device.type != "cpu" or len(x) == 0:
+        return fn(x, lengths)
+    ln, T = lengths.numpy(), x.shape[1]
+    short = ln <= 1
+    groups = [g for g in (np.flatnonzero(~short), np.flatnonzero(short)) if len(g)]
+    if len(groups) == 1:
+        steps = min(T, max(int(ln.max()), min_steps))
+        return fn(x[:, :steps] if steps < T else x, lengths)
+    outs = []
+    for g in groups:
+        rows = torch.from_numpy(g)
+        steps = min(T, max(int(ln[g].max()), min_steps))
+        outs.append(fn(x[rows, :steps], lengths[rows]))
+    return torch.cat(outs)[torch.from_numpy(np.argsort(np.concatenate(groups)))]
 
 
 class LSTMEncoder(nn.Module):
@@ -40,7 +66,11 @@ class LSTMEncoder(nn.Module):
         T = x.shape[1]
         lengths = lengths.to(x.device).clamp(min=1, max=T)
         if self.pool_over_padding:  # the authors' behaviour: the padding counts as steps
-            lengths = torch.full_like(lengths, T)
+            return self._pooled(x, torch.full_like(lengths, T))
+        return by_length(x, lengths, self._pooled)
+
+    def _pooled(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        T = x.shape[1]
         out, _ = self.rnn(x)
         if self.pool == "last":
             return out[torch.arange(len(out), device=x.device), lengths - 1]
@@ -66,13 +96,20 @@ class TextCNN(nn.Module):
         self.out_dim = embed
 
     def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        lengths = lengths.to(x.device)
+        kmax = max(self.kernels)
+        if self.pool_over_padding:
+            pooled = self._pooled(x, torch.full_like(lengths, max(x.shape[1], kmax)))
+        else:  # a window starting at a valid position reads at most max(length, kmax) steps
+            pooled = by_length(x, lengths, self._pooled, min_steps=kmax)
+        return self.embd(self.dropout(pooled))  # dropout over the whole batch, in row order
+
+    def _pooled(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """(B, len(kernels) x channels): each kernel's max over the valid windows."""
         xt = x.transpose(1, 2)  # (B, D, T)
         kmax = max(self.kernels)
         if xt.shape[2] < kmax:  # short utterances: zero-pad so the widest kernel fits once
             xt = nn.functional.pad(xt, (0, kmax - xt.shape[2]))
-        lengths = lengths.to(x.device)
-        if self.pool_over_padding:
-            lengths = torch.full_like(lengths, xt.shape[2])
         pooled = []
         for conv, k in zip(self.convs, self.kernels):
             a = torch.relu(conv(xt))  # (B, C, P)
@@ -81,7 +118,7 @@ class TextCNN(nn.Module):
             n_valid = (lengths - k + 1).clamp(min=1)
             keep = torch.arange(a.shape[2], device=x.device)[None, :] < n_valid[:, None]
             pooled.append((a * keep[:, None, :]).amax(2))
-        return self.embd(self.dropout(torch.cat(pooled, 1)))
+        return torch.cat(pooled, 1)
 
 
 class FcClassifier(nn.Module):

@@ -33,6 +33,10 @@ A method whose modalities are encoded separately before anything mixes them (the
 MMIN, IF-MMIN) returns those embeddings from ``encode_each`` and predicts from them in
 ``predict_from``: evaluating N missing conditions then costs two encoder passes per batch, not N.
 
+A method that models the dialogue (GCNet) sets ``batching = "conversation"``: the trainer and the
+evaluator then give it batches of whole conversations of one split (``train.conversations``:
+``batch_size`` counts conversations; ``utterance_view`` gives per-utterance mean features).
+
 A missing modality carries no information into a method: ``predict``, ``represent``,
 ``encode_each`` and ``loss`` of every subclass receive the batch with each modality the sample
 does not have present (``batch["present"]``) reduced to one zero frame (length 1, no valid frame),
@@ -56,7 +60,7 @@ import torch
 from torch import nn
 
 from pipeline.registry import Registry
-from train.conditions import masked_view
+from train.conditions import is_sealed, masked_view, sealed
 from train.data import DataSpec
 from train.nets import init_weights
 
@@ -69,9 +73,11 @@ def only_present(batch):
     docstring); unchanged when it is not a masked batch (no ``present``)."""
     if not isinstance(batch, dict) or "present" not in batch or "x" not in batch:
         return batch
+    if is_sealed(batch):  # masked by apply_availability or here, and not changed since
+        return dict(batch)
     out = dict(batch)
     out.update(masked_view(batch["x"], batch["lengths"], batch["frame_mask"], batch["present"]))
-    return out
+    return sealed(out)
 
 
 def _guard(fn):
@@ -85,6 +91,9 @@ def _guard(fn):
 class Method(nn.Module):
     name: ClassVar[str]
     exports: ClassVar[tuple[str, ...]] = ()  # parts (attribute = model.<part> config) others may load
+    # "conversation": batches are whole conversations, with per-row conversation, turn and speaker
+    # (train.conversations); the masks stay per utterance
+    batching: ClassVar[str] = "utterance"
 
     def __init_subclass__(cls, **kw):
         super().__init_subclass__(**kw)

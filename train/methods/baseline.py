@@ -4,6 +4,9 @@ EncA/EncV (LSTM + max-pool), EncT (TextCNN) -> concat (a, v, t) -> FC classifier
 baselines differ only in training data, which is a config switch: ``baseline`` trains on full
 data (``train.missing: {kind: full}``), ``baseline-aug`` pools full data with the six missing
 conditions (each training sample draws one of the seven conditions uniformly).
+
+Precision (mixed precision, ``train.amp``): the task loss (``Method.task_loss``) runs in float32 on
+float32 outputs; the encoders and classifier run in the autocast dtype.
 """
 
 from __future__ import annotations

@@ -52,6 +52,11 @@ Choices the paper leaves open (each is a config key):
 - L_spcl temperature 0.07 (Khosla et al.'s); a sample with no modality at all (possible only when
   natural absence meets the condition) gets the zero latent (the base distribution's mean).
 - Sizes: d = 128, 4 heads, dropout 0.1; classifier one hidden FC layer of d units (dropout 0.3).
+
+Precision (``train.amp``): float32 for the flows and their log-determinants (``train.flows``: exact
+inverses, triangular solves), the latents and Eq. 7's mean, the W2 / cosine similarity, InfoNCE
+with its learnt temperature and SupCon (logits / 0.07: a bf16 matmul errs by ~1e-2 there), L_rec,
+the NLL and the CE; the UMC, refinement and fusion run in the autocast dtype.
 """
 
 from __future__ import annotations

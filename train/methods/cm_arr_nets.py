@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from pipeline.device import float32
 from train.nets import key_padding_mask
 
 
@@ -46,6 +47,7 @@ class UMC(nn.Module):
         return h0, self.mu(h), F.softplus(self.sigma(h)) + 1e-4
 
 
+@float32
 def w2_distance(mu1: torch.Tensor, sig1: torch.Tensor, mu2: torch.Tensor, sig2: torch.Tensor) -> torch.Tensor:
     """Eq. 1 for every pair of a batch: D[i, j] = ||mu1_i - mu2_j||^2 + ||sig1_i - sig2_j||^2,
     the squared 2-Wasserstein distance of two diagonal Gaussians with standard deviations sig."""
@@ -76,12 +78,14 @@ class Similarity(nn.Module):
     def a(self) -> torch.Tensor:
         return -F.softplus(self.a_raw)
 
+    @float32  # the similarities become InfoNCE logits (divided by tau ~ 0.07): a matmul in bf16 is off by ~1e-2
     def forward(self, mu1, sig1, mu2, sig2) -> torch.Tensor:
         if self.kind == "cosine":
             return F.normalize(mu1.float(), dim=-1) @ F.normalize(mu2.float(), dim=-1).T
         return self.a * w2_distance(mu1, sig1, mu2, sig2) + self.b
 
 
+@float32
 def info_nce(sim: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
     """Eqs. 2-4: sim[i, j] = S(n_i, m_j); positives on the diagonal (same utterance), the other
     utterances of the batch are negatives; both directions, each averaged over the batch."""
@@ -90,6 +94,7 @@ def info_nce(sim: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)
 
 
+@float32
 def supcon(z: torch.Tensor, labels: torch.Tensor, tau: float = 0.07) -> torch.Tensor:
     """Supervised contrastive loss (Khosla et al. 2020, L_out): every view i is an anchor, its
     positives are all other views with the same label (other modalities of the same utterance

@@ -74,6 +74,10 @@ Choices where the paper is silent or its equations do not fit together (also in 
 - The authors' IEMOCAP code used T 50 text tokens; the paper's table says 25 (used here).
 Ablations (Table 3): ``model.ensemble: false`` (TF: R = F always), ``model.reconstructors``
 ([tf, ae] / [tf, cra]), ``model.fusion: max | average``.
+
+Precision (``train.amp``): the symmetric KL terms (per-frame softmaxes over 300 dims, the
+forward / backward targets), Eq. 10's pair weights (softmax of max-softmax) and the CE terms run
+in float32 (``pipeline.device.float32``); encoders, TF, AE / CRA and the Judge in the autocast dtype.
 """
 
 from __future__ import annotations

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from pipeline.device import float32
 from train.conditions import MODALITIES
 from train.nets import key_padding_mask, modality_valid  # noqa: F401  (modality_valid: for emmr.py)
 
@@ -68,6 +69,7 @@ def balanced_pool(seq: torch.Tensor, frames: torch.Tensor, layout: Layout) -> to
     return torch.einsum("bt,btd->bd", w, seq)
 
 
+@float32
 def sym_kl(a: torch.Tensor, b: torch.Tensor, frames: torch.Tensor | None = None) -> torch.Tensor:
     """½ (KL(softmax a || softmax b) + KL(softmax b || softmax a)) over the last dim, averaged over
     the ``frames`` (B, T) that count (Eqs. 15-16)."""
@@ -192,6 +194,7 @@ class Judge(nn.Module):
         return self.fc(self.out(torch.stack(pooled, 1)))  # (n, 7, C)
 
 
+@float32
 def pair_weights(pair_logits: torch.Tensor) -> torch.Tensor:
     """Eq. 10: alpha = softmax over the three pairs of L'_k = max softmax(L_k); (..., 3, C) -> (..., 3).
     From probabilities, not raw logits: a pair is trusted for how sure it is."""

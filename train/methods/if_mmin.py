@@ -36,6 +36,10 @@ delays the classifier, hence the demo config's higher learning rate. Schedule 20
 Adam lr 2e-4 beta1 0.5, batch 128, each sub-network clipped at 1.0, kaiming init (CAP_IFMMIN.sh;
 its --weight_decay=1e-5 never reaches the authors' Adam, so none); pretraining batch 64, beta1
 0.9, 10 + 10 epochs, clip 0.5 per sub-network (CAP_utt_shared.sh).
+
+Precision (``train.amp``): CMD (central moments up to the 5th power: they lose every digit or
+overflow in half precision), the RMSE terms and the CE run in float32 (``pipeline.device.float32``);
+the nets in the autocast dtype.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ import math
 import torch
 from torch import nn
 
+from pipeline.device import float32
 from train.conditions import MODALITIES, reversed_input
 from train.methods import Method, register
 from train.nets import CascadeResidualAE, FcClassifier, ModalityEncoders
@@ -52,6 +57,7 @@ from train.nets import CascadeResidualAE, FcClassifier, ModalityEncoders
 CMD_PAIRS = (("t", "a"), ("t", "v"), ("a", "v"))  # the paper's Eq. 1 pairs
 
 
+@float32
 def cmd(x1: torch.Tensor, x2: torch.Tensor, k: int = 5) -> torch.Tensor:
     """Central moment discrepancy as in IF-MMIN's Eq. 1 (no interval scaling): the L2 distance
     of the means plus the L2 distances of the 2nd..k-th central moments, over the batch dim."""
@@ -64,6 +70,7 @@ def cmd(x1: torch.Tensor, x2: torch.Tensor, k: int = 5) -> torch.Tensor:
     return d
 
 
+@float32
 def rmse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Root mean squared error over all elements (gradient defined at zero error)."""
     diff = (a.float() - b.float()).reshape(-1)

@@ -36,6 +36,11 @@ complete sequence on that axis (as in the paper), valid wherever its condition i
 modality has a valid frame there: every step when audio or video is available). So nothing of a
 missing modality's own frames, length or frame mask reaches a prediction; ``x_full`` /
 ``frame_mask_full`` are read only for the training target.
+
+Precision (``train.amp``): float32 for the VE SDE's std(t) and g(t) (``train.diffusion``), the score
+scaling net / std(t) (std from 3e-3 to 9.8, the samplers multiply the score by up to 625 dt), the
+perturbations x0 + std(t) z and x_obs(t), the score-matching loss, the sampler's state and the
+other losses; the U-Net, refiner, projections and MulT run in the autocast dtype.
 """
 
 from __future__ import annotations
@@ -130,7 +135,9 @@ class IMDer(IMDerPretrain):
         def fn(x, t):
             ct = c
             if self.condition_noise:
-                ct = c + torch.randn_like(c) * self.sde.marginal_std(t.cpu()).to(c)[:, None, None]
+                # x_obs(t) in float32 whatever the autocast: noise of std(t) down to 3e-3 on the condition
+                std = self.sde.marginal_std(t.cpu()).to(c.device)[:, None, None]
+                ct = c.float() + torch.randn_like(c, dtype=torch.float32) * std
             return self.score[m](x, t, ct)
         return fn
 
@@ -151,7 +158,7 @@ class IMDer(IMDerPretrain):
         """Features and validity with every missing modality recovered (valid where its condition
         is), plus (training, ``gt`` given) the summed score-matching and reconstruction losses."""
         out, ok, b = dict(feats), dict(valid), len(present)
-        score_loss = rec_loss = feats[MODALITIES[0]].new_zeros(())
+        score_loss = rec_loss = feats[MODALITIES[0]].new_zeros((), dtype=torch.float32)  # losses: float32
         for i, m in enumerate(MODALITIES):
             rows = torch.nonzero(~present[:, i]).view(-1)
             if len(rows) == 0:
@@ -168,7 +175,8 @@ class IMDer(IMDerPretrain):
                 continue
             truth = gt["feats"][m][rows][has]
             if self.use_score:
-                per = dsm_loss(self.score_fn(m, cond[has]), truth.transpose(1, 2), self.sde, reduction="none")
+                # float32 target: x0 + std(t) z and ||std(t) s + z||^2 are computed in its dtype
+                per = dsm_loss(self.score_fn(m, cond[has]), truth.transpose(1, 2).float(), self.sde, reduction="none")
                 score_loss = score_loss + per.sum() / b
             if self.use_refine:
                 rec_loss = rec_loss + F.mse_loss(rec[has].float(), truth.float())

@@ -217,7 +217,9 @@ class ScoreUNet(nn.Module):
             h = self._attend(self.up_att[k], h, c)
             if k < len(self.up) - 1:
                 h = act(self.up_gn[k](h + self.up_t[k](emb)[..., None]))
-        return h / self.marginal_std(t.cpu()).to(h)[:, None, None]
+        # the score = network output / std(t), in float32 (std(t) spans 3e-3 .. 10): the samplers
+        # multiply it by sigma^(2t) dt, up to 625 dt
+        return h.float() / self.marginal_std(t.cpu()).to(h.device)[:, None, None]
 
 
 class _CALayer(nn.Module):

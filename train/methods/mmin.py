@@ -15,6 +15,9 @@ sub-network's gradient norm clipped at 1.0, kaiming init, classifier dropout 0.5
 (MMIN-AE: one plain autoencoder of about the same size) and ``loss.cycle: 0`` (MMIN-NoCycle: no
 backward module). ``model.share_weights: true`` makes the forward and backward modules one
 (the authors' MSP-IMPROV setting).
+
+Precision (``train.amp``): the CE and both MSE terms (forward imagination against the teacher, cycle)
+run in float32 on float32 copies of their inputs; the nets in the autocast dtype.
 """
 
 from __future__ import annotations
