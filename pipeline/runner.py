@@ -115,8 +115,8 @@ def default_extractors(device: str = "cpu") -> list[Extractor]:
 
 # ---- remembered file digests -------------------------------------------------------------------
 
-def _digest_file(dataset: str) -> Path:
-    return cache_root() / "stores" / dataset / "_digests.json"
+def _digest_file(dataset: str, stores: Path | None = None) -> Path:
+    return (cache_root() / "stores" if stores is None else Path(stores)) / dataset / "_digests.json"
 
 
 def _media_paths(manifest: Manifest) -> set[str]:
@@ -127,12 +127,12 @@ def _stat_key(st) -> list:
     return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
 
 
-def _prime_digests(manifest: Manifest) -> dict:
+def _prime_digests(manifest: Manifest, stores: Path | None = None) -> dict:
     """Feed remembered content hashes of unchanged files (same size, mtime, ctime and inode: a
     rewrite changes ctime) to extract.base's per-process memo, so a no-op run hashes nothing:
     neither the manifest's media nor the model files hashed for store keys."""
     try:
-        saved = json.loads(_digest_file(manifest.dataset).read_text())
+        saved = json.loads(_digest_file(manifest.dataset, stores).read_text())
     except (OSError, ValueError):
         saved = {}
     for p, rec in saved.items():
@@ -145,7 +145,7 @@ def _prime_digests(manifest: Manifest) -> dict:
     return saved
 
 
-def _save_digests(manifest: Manifest, saved: dict, extra: set[str] = frozenset()) -> None:
+def _save_digests(manifest: Manifest, saved: dict, extra: set[str] = frozenset(), stores: Path | None = None) -> None:
     """Remember the digests of the manifest's media and of ``extra`` files (model files)."""
     new = {p: rec for p, rec in saved.items() if os.path.exists(p)}
     for p in _media_paths(manifest) | set(extra):
@@ -158,7 +158,7 @@ def _save_digests(manifest: Manifest, saved: dict, extra: set[str] = frozenset()
             new[p] = _stat_key(st) + [d]
     if new == saved:
         return
-    path = _digest_file(manifest.dataset)
+    path = _digest_file(manifest.dataset, stores)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_json(path, new, indent=None)
@@ -309,7 +309,12 @@ def _run_stage(ext: Extractor, store: FeatureStore, todo: list, summ: Summary, c
         return out
 
     def commit(results: list) -> None:
-        written = set(store.commit({uid: (r, fps[uid]) for uid, r in results}, replace=replace - done_here))
+        try:
+            written = set(store.commit({uid: (r, fps[uid]) for uid, r in results}, replace=replace - done_here))
+        except OSError as e:  # a full disk or `ulimit -f`: zarr's error names no file; the store is intact
+            if e.filename:
+                raise
+            raise OSError(e.errno, e.strerror or str(e), str(store.path)) from None
         done_here.update(uid for uid, _ in results)
         failures = store.failures()
         for uid, r in results:
@@ -383,7 +388,8 @@ def _run_stage(ext: Extractor, store: FeatureStore, todo: list, summ: Summary, c
 
 def run_features(manifest: Manifest, extractors: list[Extractor], *, workers: int = 1, scheduler: str | None = None,
                  strict: bool = False, progress: bool = True, required: bool = True, retry_failed: bool = False,
-                 processes: bool = True, dtype: str = "float32", repair: bool = False) -> list[Summary]:
+                 processes: bool = True, dtype: str = "float32", repair: bool = False,
+                 stores: Path | None = None) -> list[Summary]:
     """Bring every extractor's store for ``manifest.dataset`` up to date with ``manifest``.
 
     ``workers`` > 1 or a ``scheduler`` address runs batches on dask.distributed (local worker
@@ -392,16 +398,20 @@ def run_features(manifest: Manifest, extractors: list[Extractor], *, workers: in
     (stages that need it are skipped too). ``strict`` raises StrictFailure once everything is
     committed if any utterance failed (now or, same source, earlier).
 
-    Every existing store is read through first (chunk and utterance checksums): a damaged one
-    raises StoreDamaged naming it, unless ``repair``, which recomputes just the damaged
-    utterances from their sources and compacts the store. Two runs on the same store at once
-    split the batches between them (per-batch claims)."""
+    Every existing store is checked first: the chunks changed since they were written or last
+    verified (file size or mtime, ``FeatureStore.damaged_changed``: a no-op run reads no frame) are
+    read and their utterances compared with their checksums; a damaged store raises StoreDamaged
+    naming it, unless ``repair``, which reads the whole store, recomputes just the damaged
+    utterances from their sources and compacts the store. (Every read for training checks each
+    utterance's checksum too; ``imer store verify`` reads everything.) Two runs on the same store at once
+    split the batches between them (per-batch claims). ``stores`` replaces ``<cache>/stores`` (imer
+    predict's throw-away stores: nothing is written to the shared cache)."""
     from tqdm.auto import tqdm
 
     summaries: list[Summary] = []
     unavailable: dict[str, str] = {}
     cluster = Cluster(workers, scheduler, processes) if (workers > 1 or scheduler) else None
-    saved = _prime_digests(manifest)
+    saved = _prime_digests(manifest, stores)
     positions = {u.id: i for i, u in enumerate(manifest)}
     hashed = {k[0] for k in base._DIGESTS}
     model_files: set[str] = set()
@@ -410,7 +420,7 @@ def run_features(manifest: Manifest, extractors: list[Extractor], *, workers: in
         model_files = {k[0] for k in base._DIGESTS} - hashed
         for ext in stages:
             t0 = time.perf_counter()
-            path = store_path(manifest.dataset, ext.key, dtype)
+            path = store_path(manifest.dataset, ext.key, dtype, stores)
             summ = Summary(ext.name, ext.key, path)
             summaries.append(summ)
             missing = [n for n in ext.requires if n in unavailable]
@@ -419,13 +429,14 @@ def run_features(manifest: Manifest, extractors: list[Extractor], *, workers: in
                 unavailable[ext.name] = summ.skipped
                 continue
             store = FeatureStore.open(path) if (path / "zarr.json").is_file() else None
-            damaged = store.damaged() if store is not None else {}
+            # the planning scan reads only chunks changed since written or verified (``repair``: all)
+            damaged = {} if store is None else store.damaged() if repair else store.damaged_changed()
             if damaged and not repair:
                 raise StoreDamaged(_damage_message(path, damaged), damaged)
             todo, summ.cached, summ.failed_before, summ.no_source = plan(ext, manifest, store, retry_failed,
                                                                          force=set(damaged))
             if todo and ext.requires:
-                ups = {n: store_path(manifest.dataset, ext.create_upstream(n).key, dtype) for n in ext.requires}
+                ups = {n: store_path(manifest.dataset, ext.create_upstream(n).key, dtype, stores) for n in ext.requires}
                 absent = [n for n, p in ups.items() if not (p / "zarr.json").is_file()]
                 if absent:  # the upstream stage had nothing it could extract
                     summ.skipped = f"upstream stage {absent[0]!r} has no store for {manifest.dataset}"
@@ -461,7 +472,7 @@ def run_features(manifest: Manifest, extractors: list[Extractor], *, workers: in
     finally:
         if cluster is not None:
             cluster.close()
-        _save_digests(manifest, saved, model_files)
+        _save_digests(manifest, saved, model_files, stores)
     if strict:
         bad = {s.key: s.all_failed for s in summaries if s.all_failed}
         if bad:
@@ -488,9 +499,11 @@ def _dim(ext: Extractor) -> int:
 
 
 def ensure_features(dataset: str, specs: dict[str, str | dict], *, device: str = "auto", data_root=None,
-                    manifest=None, workers: int = 1, progress: bool = True) -> dict[str, FeatureStore]:
+                    manifest=None, workers: int = 1, progress: bool = True,
+                    dtype: str = "float32") -> dict[str, FeatureStore]:
     """Stores for ``specs`` ({modality: extractor name | "name:k=v" | {"name", "params"}}) on
-    ``dataset``, extracting whatever is missing first; returns {modality: FeatureStore}."""
+    ``dataset``, extracting whatever is missing first; returns {modality: FeatureStore}.
+    ``dtype`` float16: the ``-f16`` stores (half the disk and memory, see ``store_path``)."""
     from manifests.datasets import load_manifest
     from pipeline.device import resolve_device
 
@@ -515,7 +528,7 @@ def ensure_features(dataset: str, specs: dict[str, str | dict], *, device: str =
         except ExtractorUnavailable as e:
             raise unavailable(mod, ext.name, e) from None
     try:
-        summaries = run_features(man, list(exts.values()), workers=workers, progress=progress)
+        summaries = run_features(man, list(exts.values()), workers=workers, progress=progress, dtype=dtype)
     except ExtractorUnavailable as e:
         name = getattr(e, "extractor", None)
         mod = next((m for m, x in exts.items() if x.name == name), None)
@@ -525,4 +538,4 @@ def ensure_features(dataset: str, specs: dict[str, str | dict], *, device: str =
     for s in summaries:
         if s.computed or s.failed:
             print(f"imer: {s.line()}", file=sys.stderr)
-    return {mod: FeatureStore.open(store_path(man.dataset, ext.key)) for mod, ext in exts.items()}
+    return {mod: FeatureStore.open(store_path(man.dataset, ext.key, dtype)) for mod, ext in exts.items()}

@@ -337,7 +337,11 @@ class FeatureStore(StoreChecks, StoreMaintenance):
         with np.errstate(over="ignore", invalid="ignore"):  # overflow is reported just below
             y = x.astype(self.dtype)
         if not np.all(np.isfinite(y)):
-            return f"non-finite values (NaN/Inf) in features{' after float16 conversion' if np.all(np.isfinite(x)) else ''}"
+            if np.all(np.isfinite(x)):  # the extractor's values, not one bad utterance: all would fail
+                raise StoreError(f"{self.path}: float16 cannot hold this extractor's values (|x| reaches "
+                                 f"{float(np.abs(x).max()):.3g}, float16 stops at 65504); extract it in "
+                                 "float32 (leave out --dtype float16 / data.store_dtype)")
+            return "non-finite values (NaN/Inf) in features"
         m = np.ones(len(y), bool) if res.mask is None else np.asarray(res.mask, dtype=bool).reshape(-1)
         if len(m) != len(y):
             return f"mask has {len(m)} entries for {len(y)} frames"

@@ -79,6 +79,15 @@ def repair_hint(path) -> str:
     return f"repair it with `imer store repair {path}` (recomputes only the damaged utterances)"
 
 
+def chunk_error(e: Exception) -> str:
+    """Why a chunk could not be read, in words: zarr's crc32c mismatch ("Stored and computed checksum
+    do not match. Stored: b'..'") says the file changed on disk; anything else is named by its first line."""
+    text = str(e).splitlines()[0] if str(e) else ""
+    if "checksum do not match" in text:
+        return "fails its crc32c checksum (the file changed on disk)"
+    return f"cannot be decoded ({type(e).__name__}: {text[:80]})" if text else f"cannot be decoded ({type(e).__name__})"
+
+
 def index_damage_message(path, why: str, attrs: dict) -> str:
     """One line for an index that cannot be read: repair cannot help (the index is what names the
     utterances and where their frames are), so the store is extracted again."""
@@ -98,10 +107,12 @@ def _crc(a: np.ndarray, start: int = 0) -> int:
     return zlib.crc32(np.ascontiguousarray(a).view(np.uint8).reshape(-1).data, start)
 
 
-def store_path(dataset: str, key: str, dtype: str = "float32") -> Path:
-    """``<cache>/stores/<dataset>/<key>`` (float16 stores get a ``-f16`` suffix: same config, other data)."""
+def store_path(dataset: str, key: str, dtype: str = "float32", root: Path | None = None) -> Path:
+    """``<cache>/stores/<dataset>/<key>`` (float16 stores get a ``-f16`` suffix: same config, other data);
+    ``root`` replaces ``<cache>/stores`` (imer predict's throw-away stores)."""
     _check_dtype(dtype)
-    return cache_root() / "stores" / dataset / (key + ("-f16" if dtype == "float16" else ""))
+    root = cache_root() / "stores" if root is None else Path(root)
+    return root / dataset / (key + ("-f16" if dtype == "float16" else ""))
 
 
 def lock_path(path: Path | str) -> Path:

@@ -82,6 +82,17 @@ def test_float16_store(tmp_path):
     assert store_path("d", "k", "float16").name == "k-f16" and store_path("d", "k").name == "k"
 
 
+def test_values_float16_cannot_hold_are_one_error_not_every_utterance_failed(tmp_path):
+    st = _new(tmp_path, dtype="float16")
+    big = np.full((3, 5), 7.3e6, np.float32)  # ComParE's energy-like LLDs reach this
+    with pytest.raises(StoreError, match=r"float16 cannot hold .*7\.3e\+06.*extract it in float32"):
+        st.commit({"utt00": (Output(big), "fp")})
+    assert FeatureStore.open(tmp_path / "s").ids() == []  # nothing recorded as failed or written
+    nan = np.full((3, 5), np.nan, np.float32)  # a real NaN stays one utterance's failure
+    st.commit({"utt01": (Output(nan), "fp")})
+    assert "non-finite" in st.failures()["utt01"]["reason"]
+
+
 def test_last_entry_wins_and_gc_compacts(tmp_path):
     feats, masks = _ragged()
     st = _new(tmp_path)
@@ -122,8 +133,8 @@ def test_failures_and_bad_outputs(tmp_path):
     assert "b" in st and "b" not in st.failures()
     assert st.verify() == []
     s16 = FeatureStore.open_or_create(tmp_path / "h", dim=1, attrs=ATTRS, dtype="float16")
-    s16.commit({"big": (Output(np.array([[1e6]], np.float32)), "f")})
-    assert "float16" in s16.failures()["big"]["reason"]
+    with pytest.raises(StoreError, match="float16 cannot hold"):  # every utterance would fail: one error
+        s16.commit({"big": (Output(np.array([[1e6]], np.float32)), "f")})
 
 
 def test_crash_mid_commit_is_invisible_and_overwritten(tmp_path, monkeypatch):

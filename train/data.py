@@ -29,7 +29,6 @@ A batch is a dict::
 from __future__ import annotations
 
 import hashlib
-import os
 import warnings
 from dataclasses import dataclass, field
 
@@ -120,7 +119,7 @@ class Sequences:
         return self.valid[o:o + n]
 
     def nbytes(self) -> int:
-        return int(self.lengths.sum()) * self.dim * 4
+        return int(self.lengths.sum()) * self.dim * (self.data.dtype.itemsize if self.data is not None else 4)
 
 
 def _compact(data: np.ndarray, mask: np.ndarray, offsets: np.ndarray, lengths: np.ndarray):
@@ -208,6 +207,7 @@ class MultimodalData:
         self.steps = self._aligned_steps() if self.aligned else None
         self.signature = signature or self._content_signature()
         self.access_log: list[np.ndarray] | None = None  # set to [] to record every collated row
+        self.conversations = None  # train.conversations.ConversationIndex; not part of the signature
 
     def _aligned_steps(self) -> int:
         """An aligned source (``aligned``: every modality's step k is the same stored position k,
@@ -283,9 +283,14 @@ class MultimodalData:
             budget -= seqs[m].nbytes() if seqs[m].in_memory else 0
             attrs = _attrs(store)
             keys[m] = attrs.get("key") or attrs.get("name") or str(getattr(store, "path", ""))
+            keys[m] += "-f16" if attrs.get("dtype") == "float16" else ""  # other values: never the fp32 run's data
         sig = _hash({"ids": ids, "features": keys, "invalid_frames": invalid_frames, "y": [float(v) for v in y],
                      "counts": {m: int(s.lengths.sum()) for m, s in seqs.items()}, **({"aligned": True} if aligned else {})})
-        return cls(ids, y, seqs, labels=labels, task=task, signature=sig, aligned=aligned, **kw)
+        out = cls(ids, y, seqs, labels=labels, task=task, signature=sig, aligned=aligned, **kw)
+        from train.conversations import from_manifest
+
+        out.conversations = from_manifest(manifest, ids)
+        return out
 
     def _content_signature(self) -> str:
         h = hashlib.blake2b(digest_size=12)
@@ -469,10 +474,18 @@ class MultimodalData:
         return out
 
     def batches(self, idx, batch_size: int, normalizer: Normalizer | None = None,
-                rng: np.random.Generator | None = None, drop_last: bool = False, bucket: bool = False):
-        """Collated batches over rows ``idx`` (see ``batch_rows``)."""
-        for rows in self.batch_rows(idx, batch_size, rng, drop_last, bucket):
-            yield self.collate(rows, normalizer)
+                rng: np.random.Generator | None = None, drop_last: bool = False, bucket: bool = False,
+                unit: str = "utterance"):
+        """Collated batches over rows ``idx`` (see ``batch_rows``); ``unit="conversation"``: batches
+        of ``batch_size`` whole conversations (``train.conversations``)."""
+        if unit == "conversation":
+            from train import conversations
+
+            yield from conversations.batches(self, idx, batch_size, normalizer, rng)
+            return
+        from train.streaming import collated  # a streamed store: batch k+1 is read while k trains
+
+        yield from collated(self, self.batch_rows(idx, batch_size, rng, drop_last, bucket), normalizer)
 
 
 def batch_to(batch: dict, device) -> dict:
@@ -550,14 +563,10 @@ def _attrs(store) -> dict:
 
 
 def _default_budget() -> int:
-    """Half the currently available RAM (IMER_DATA_MEMORY overrides, in bytes)."""
-    env = os.environ.get("IMER_DATA_MEMORY")
-    if env:
-        return int(float(env))
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
-    except (ValueError, OSError, AttributeError):
-        return 8 << 30
+    """Half the currently available RAM (IMER_DATA_MEMORY overrides: bytes, or 512M, 4G)."""
+    from train.streaming import memory_budget
+
+    return memory_budget()
 
 
 def _failed_ids(store) -> set[str]:
@@ -568,10 +577,10 @@ def _failed_ids(store) -> set[str]:
 
 
 def _store_size(store) -> int | None:
-    """Bytes the store's frames take as float32 in memory (None when the store cannot say)."""
+    """Bytes the store's frames take in memory (float16 stay float16; None when the store cannot say)."""
     frames, dim = getattr(store, "n_frames", None), _attrs(store).get("dim")
     if isinstance(frames, (int, np.integer)) and dim:
-        return int(frames) * int(dim) * 4
+        return int(frames) * int(dim) * (2 if _attrs(store).get("dtype") == "float16" else 4)
     return None
 
 
@@ -582,7 +591,9 @@ def _sequences_from_store(store, ids: list[str], invalid_frames: str, budget: in
     if size is None or size <= budget:
         ld = store.load()
         dim = int(ld.attrs.get("dim", dim) if getattr(ld, "attrs", None) else dim) or ld.data.shape[1]
-        data, offsets, lengths = np.asarray(ld.data, np.float32), np.asarray(ld.offsets), np.asarray(ld.lengths)
+        # float16 stores stay float16 in memory (half the RAM): batches are cast to float32 exactly
+        data = np.asarray(ld.data, np.float16 if getattr(ld.data, "dtype", None) == np.float16 else np.float32)
+        offsets, lengths = np.asarray(ld.offsets), np.asarray(ld.lengths)
         if not data.flags.writeable:
             data = data.copy()
         mask = None if ld.mask is None else np.asarray(ld.mask, bool)
@@ -591,7 +602,7 @@ def _sequences_from_store(store, ids: list[str], invalid_frames: str, budget: in
         if invalid_frames == "keep" and mask is not None:  # aligned: zeroed in place, validity kept
             valid = mask
         if mask is not None and invalid_frames in ("zero", "keep"):
-            data = np.where(mask[:, None], data, 0).astype(np.float32)
+            data = np.where(mask[:, None], data, 0).astype(data.dtype)
             # keep the frames, but an utterance with no valid frame at all is absent
             cs = np.concatenate([[0], np.cumsum(mask, dtype=np.int64)])
             lengths = np.where(cs[offsets + lengths] - cs[offsets] > 0, lengths, 0)
@@ -604,21 +615,7 @@ def _sequences_from_store(store, ids: list[str], invalid_frames: str, budget: in
         ln = np.where(ok, lengths[np.maximum(sel, 0)], 0) if len(lengths) else np.zeros(len(ids), np.int64)
         return Sequences(data, off, ln, dim, valid=valid)
 
-    # Too large for memory: read each utterance when a batch needs it (FeatureStore: store[id], store.mask(id)).
-    have = set(store.ids()) - failed
-    lengths = np.zeros(len(ids), np.int64)
-    for i, u in enumerate(ids):
-        if u in have:
-            mk = np.asarray(store.mask(u), bool)
-            lengths[i] = int(mk.sum()) if invalid_frames == "drop" else (len(mk) if mk.any() else 0)
+    # too large for memory: read per batch, in store order, one batch ahead (train.streaming)
+    from train.streaming import StreamedSequences
 
-    def reader(i: int, _ids=ids, _store=store) -> np.ndarray:
-        x = np.asarray(_store[_ids[i]], np.float32)
-        return apply_mask(x, _store.mask(_ids[i]), "zero" if invalid_frames == "keep" else invalid_frames)
-
-    def valid(i: int, _ids=ids, _store=store) -> np.ndarray:
-        x = np.asarray(_store[_ids[i]], np.float32)
-        return np.asarray(_store.mask(_ids[i]), bool) & np.isfinite(x).all(1)
-
-    return Sequences(None, np.zeros(len(ids), np.int64), lengths, dim, reader=reader,
-                     valid=valid if invalid_frames == "keep" else None)
+    return StreamedSequences(store, ids, invalid_frames, failed)

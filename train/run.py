@@ -149,7 +149,7 @@ class Experiment:
         va = self.data.indices(fold.val, f"fold {fold.name} val")
         te = self.data.indices(fold.test, f"fold {fold.name} test")
         norm = Normalizer.fit(self.data, tr, cfg.get("data", {}).get("normalize", []))
-        amp = str(self.device).startswith("cuda") and bool(cfg["train"].get("amp", True))
+        amp = cfg["train"].get("amp", True)  # evaluate() picks the dtype for the device, as training did
         if res is None:
             prereqs = {role: self.prerequisite(name, cfg, fold, seed) for role, name in (cfg.get("requires") or {}).items()}
             torch.manual_seed(seed)
@@ -297,7 +297,9 @@ class Experiment:
 
     def _run_parallel(self, pairs, outs, done) -> None:
         """Every fold x seed as a task on dask worker processes (one torch thread each): the same
-        computation as in sequence, so the same numbers, in about 1/workers of the wall time."""
+        computation as in sequence, so the same numbers, in about 1/workers of the wall time. On
+        CUDA the workers are GPU slots (``pipeline.cluster``): jobs per GPU as the cluster says,
+        else measured from this config's memory (``train.job_memory``)."""
         import copy
 
         from dask.distributed import as_completed
@@ -305,13 +307,21 @@ class Experiment:
 
         from pipeline.cluster import Cluster
 
-        cluster = self.cluster or Cluster(min(self.workers, len(pairs)))
+        cluster = self.cluster or Cluster(min(self.workers, len(pairs)), device=self.device)
         try:
+            if cluster.on_gpu and cluster.jobs_per_gpu is None and cluster.client is None:
+                from pipeline.device import gpu_count, gpu_ids
+                from train import job_memory
+
+                gpus = len(gpu_ids(cluster.device, gpu_count()))
+                cluster.jobs_per_gpu = job_memory.choose([self.cfg], lambda _cfg: self.data, pairs[0][0], gpus, self.log)
             client = cluster.get()
+            resources = cluster.task_resources()
             worker = copy.copy(self)
             worker.progress, worker.log, worker.cluster, worker.workers, worker.threads = False, _quiet, None, 1, 1
             remote = client.scatter(worker, broadcast=True)  # the data travels once per worker
-            futs = {client.submit(_fold_task, remote, f.name, s, outs[f.name, s], pure=False): (f, s) for f, s in pairs}
+            futs = {client.submit(_fold_task, remote, f.name, s, outs[f.name, s], pure=False, resources=resources): (f, s)
+                    for f, s in pairs}
             bar = tqdm(total=len(pairs), desc=f"{self.cfg['name']} folds x seeds", disable=not self.progress)
             for fut in as_completed(futs):
                 done(*futs[fut], fut.result())
@@ -327,6 +337,9 @@ def _quiet(*_a, **_k) -> None:
 
 
 def _fold_task(exp: "Experiment", fold_name: str, seed: int, out: Path) -> dict:
+    from pipeline.device import worker_device
+
+    exp._device = worker_device(exp.device)  # a worker pinned to a GPU sees it as `cuda`
     fold = next(f for f in exp.folds if f.name == fold_name)
     with torch_threads(exp.device, 1):
         return exp.run_fold(exp.cfg, fold, seed, out)
@@ -520,6 +533,8 @@ def ensure_stores(dataset: str, cfg: dict, device: str, data_root=None, manifest
         raise SystemExit(f"imer train: the feature stage runner is not available ({e}); "
                          "run `imer features` first or install the full toolkit") from None
     kw = {"device": device, "data_root": data_root, "workers": workers}
+    if cfg.get("data", {}).get("store_dtype", "float32") != "float32":  # float16: the -f16 stores
+        kw["dtype"] = cfg["data"]["store_dtype"]
     if manifest:
         kw["manifest"] = manifest
     return ensure_features(dataset, cfg["features"], **kw)
@@ -542,7 +557,10 @@ def build_data(manifest, stores: dict, cfg: dict) -> MultimodalData:
     d = cfg.get("data", {})
     if d.get("invalid_frames", "drop") not in ("drop", "zero"):
         raise ConfigError(f"data.invalid_frames must be drop or zero, got {d['invalid_frames']!r}")
-    return MultimodalData.from_stores(manifest, stores, invalid_frames=d.get("invalid_frames", "drop"),
+    from train.streaming import parse_bytes  # data.memory_budget: above it a store is streamed per batch
+
+    budget = parse_bytes(d["memory_budget"]) if d.get("memory_budget") is not None else None
+    return MultimodalData.from_stores(manifest, stores, invalid_frames=d.get("invalid_frames", "drop"), memory_budget=budget,
                                       max_len=d.get("max_len"), fixed_len=bool(d.get("fixed_len")),
                                       resample_to=d.get("resample_to"), target=d.get("target"))
 
