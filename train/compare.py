@@ -21,12 +21,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.cache import config_hash
-from pipeline.fsutil import atomic_write_json, atomic_write_text, safe_name
+from pipeline.fsutil import Busy, atomic_write_json, atomic_write_text, process_lock, safe_name
 from train import protocols
 from train.config import everywhere, list_configs, load_config
 
 DEFAULT_METHODS = ["baseline", "baseline-aug", "mmin", "if-mmin", "emmr", "cm-arr", "imder", "gcnet", "momke"]
 COLUMNS = [*protocols.expand("conditions"), *protocols.expand("missing-rate"), *protocols.expand("missing-ratio")]
+
+
+class CompareInProgress(ValueError):
+    """Another process holds the comparison's runs (``process_lock``)."""
 
 
 @dataclass(frozen=True)
@@ -292,28 +296,40 @@ def compare(dataset: str, methods=None, *, features: dict | None = None, overrid
     cid = compare_id(dataset, methods, over, folds_sel, seeds)
     ctx = Context(dataset, folds_sel, over, str(results_root(results_dir)), cid, runs_id(dataset, over), device, data,
                   data_root, manifest, progress)
-    if data is None:  # extract what is missing once, here, before any worker reads the stores
-        for m in methods:
-            ctx.data_for(ctx.config(m), workers if not scheduler else 1)
-    jobs = plan(methods, folds_sel, seeds, dataset)
-    workers, jobs_per_gpu = gpu_plan(ctx, jobs, workers, scheduler, jobs_per_gpu, log)
-    t0 = time.perf_counter()
-    log(f"compare {cid}: {len(methods)} methods x {len(folds_sel)} folds x {len(seeds)} seeds = "
-        f"{sum(j.listed for j in jobs)} jobs (+{sum(not j.listed for j in jobs)} prerequisite jobs), "
-        f"{workers if not scheduler else 'scheduler'} worker(s)")
-    outcomes = sweep(jobs, ctx, workers, scheduler, log, jobs_per_gpu=jobs_per_gpu)
-    wall = time.perf_counter() - t0
-    failed = {k: o["error"] for k, o in outcomes.items() if "error" in o}
-    runs = finish_runs(ctx, methods, seeds, {"features_override": features, **(meta or {})})
-    out_dir = results_root(results_dir) / dataset / "compare" / cid
-    out_dir.mkdir(parents=True, exist_ok=True)
-    info = {"id": cid, "dataset": dataset, "methods": methods, "folds": [f.name for f in folds_sel], "seeds": seeds,
-            "features": features, "overrides": overrides or {}, "columns": COLUMNS, "workers": workers,
-            "jobs_per_gpu": jobs_per_gpu,
-            "scheduler": scheduler, "wall_s": wall, "failed": failed,
-            "reused_jobs": sum(bool(o.get("reused")) for o in outcomes.values()),
-            "job_time_s": {k: o.get("time_s") for k, o in outcomes.items()}, "cpu_count": os.cpu_count()}
-    atomic_write_json(out_dir / "compare.json", info, default=str)
-    write_report(out_dir, runs, info, lambda m: ctx.data_for(ctx.config(m)), device)
-    log(f"compare {cid}: {len(outcomes) - len(failed)} jobs done, {len(failed)} failed, {wall:.0f} s -> {out_dir}")
+    # two comparisons of the same runs (any method set: prerequisites are shared) would train the
+    # same folds twice in the same folders: one at a time, the second says so in one line
+    lock_path = results_root(results_dir) / safe_name(dataset) / "compare" / f".runs-{ctx.runs_id}.lock"
+    try:
+        lock = process_lock(lock_path).__enter__()
+    except Busy as e:
+        raise CompareInProgress(f"another imer compare (pid {e.pid or '?'}) is training these runs "
+                                f"({ctx.run_dir('<method>').name}); wait for it to finish, then run this command "
+                                "again: it reuses every finished job") from None
+    try:
+        if data is None:  # extract what is missing once, here, before any worker reads the stores
+            for m in methods:
+                ctx.data_for(ctx.config(m), workers if not scheduler else 1)
+        jobs = plan(methods, folds_sel, seeds, dataset)
+        workers, jobs_per_gpu = gpu_plan(ctx, jobs, workers, scheduler, jobs_per_gpu, log)
+        t0 = time.perf_counter()
+        log(f"compare {cid}: {len(methods)} methods x {len(folds_sel)} folds x {len(seeds)} seeds = "
+            f"{sum(j.listed for j in jobs)} jobs (+{sum(not j.listed for j in jobs)} prerequisite jobs), "
+            f"{workers if not scheduler else 'scheduler'} worker(s)")
+        outcomes = sweep(jobs, ctx, workers, scheduler, log, jobs_per_gpu=jobs_per_gpu)
+        wall = time.perf_counter() - t0
+        failed = {k: o["error"] for k, o in outcomes.items() if "error" in o}
+        runs = finish_runs(ctx, methods, seeds, {"features_override": features, **(meta or {})})
+        out_dir = results_root(results_dir) / dataset / "compare" / cid
+        out_dir.mkdir(parents=True, exist_ok=True)
+        info = {"id": cid, "dataset": dataset, "methods": methods, "folds": [f.name for f in folds_sel], "seeds": seeds,
+                "features": features, "overrides": overrides or {}, "columns": COLUMNS, "workers": workers,
+                "jobs_per_gpu": jobs_per_gpu,
+                "scheduler": scheduler, "wall_s": wall, "failed": failed,
+                "reused_jobs": sum(bool(o.get("reused")) for o in outcomes.values()),
+                "job_time_s": {k: o.get("time_s") for k, o in outcomes.items()}, "cpu_count": os.cpu_count()}
+        atomic_write_json(out_dir / "compare.json", info, default=str)
+        write_report(out_dir, runs, info, lambda m: ctx.data_for(ctx.config(m)), device)
+        log(f"compare {cid}: {len(outcomes) - len(failed)} jobs done, {len(failed)} failed, {wall:.0f} s -> {out_dir}")
+    finally:
+        lock.__exit__(None, None, None)
     return out_dir
