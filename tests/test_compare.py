@@ -196,21 +196,11 @@ def test_the_demo_compares_ten_seeds_unless_told():
 def test_a_comparison_in_progress_is_not_run_twice(data, tmp_path):
     """While another process holds the comparison's runs, the same comparison says so in one line
     (its pid) and trains nothing."""
-    import subprocess
-    import sys
-
+    from stage_helpers import lock_held_elsewhere
     from train.compare import CompareInProgress, runs_id
 
     lock = tmp_path / "demo" / "compare" / f".runs-{runs_id('demo', TINY)}.lock"
-    holder = subprocess.Popen([sys.executable, "-c", (
-        "import time; from pipeline.fsutil import process_lock\n"
-        f"with process_lock({str(lock)!r}):\n"
-        "    print('held', flush=True); time.sleep(60)")], stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "held"
-        with pytest.raises(CompareInProgress, match=rf"another imer compare \(pid {holder.pid}\) is training"):
+    with lock_held_elsewhere(lock) as pid:
+        with pytest.raises(CompareInProgress, match=rf"another imer compare \(pid {pid}\) is training"):
             _run(data, tmp_path, ["baseline"])
         assert not list(tmp_path.glob("demo/baseline/*/folds/*/seed0/result.json"))  # nothing trained
-    finally:
-        holder.kill()
-        holder.wait()

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 import time
 
 import numpy as np
@@ -15,6 +13,7 @@ import pytest
 
 from train.config import load_config
 from train.results import ReportError, verified
+from stage_helpers import lock_held_elsewhere
 from train.run import RunInProgress, run_experiment
 from train.synthetic import synthetic_data, synthetic_folds
 
@@ -221,18 +220,10 @@ def test_a_run_in_progress_is_not_trained_twice(copy):
     meta = json.loads((run / "run.json").read_text())
     (run / "run.json").write_text(json.dumps({**meta, "status": "running"}))  # as while it trains
     (job / "result.json").unlink()  # a fold still to train
-    holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; from pipeline.fsutil import process_lock\n"
-        f"with process_lock({str(run / '.lock')!r}):\n"
-        "    print('held', flush=True); time.sleep(60)")], stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "held"
-        with pytest.raises(RunInProgress, match=rf"{run} is being trained by another imer train \(pid {holder.pid}\)"):
+    with lock_held_elsewhere(run / ".lock") as pid:
+        with pytest.raises(RunInProgress, match=rf"{run} is being trained by another imer train \(pid {pid}\)"):
             rerun()
         assert not (job / "result.json").exists() and not (job / "last.pt").exists()  # nothing trained
-    finally:
-        holder.kill()
-        holder.wait()
     t0 = time.perf_counter()
     assert rerun() == run and verified(job)  # the lock died with its holder
     assert time.perf_counter() - t0 < 30

@@ -20,6 +20,7 @@ from extract import base
 from manifests.schema import Media, Utterance, write_manifest
 from pipeline.cli import main
 from pipeline.store import FeatureStore, StoreDamaged, StoreError, store_path
+from stage_helpers import RmsStage
 
 REPO = Path(__file__).resolve().parents[1]
 SPEC = "test-faults-rms"
@@ -27,29 +28,11 @@ N = 6
 
 
 @base.register
-class _Rms(base.Extractor):
+class _Rms(RmsStage):
     """Test-only audio stage: per 10 ms frame [mean, std, peak]; the silent first frames are invalid."""
 
     name = "test-faults-rms"
-    modality = "audio"
-    batch_size = 2
-
-    @property
-    def dim(self):
-        return 3
-
-    @property
-    def frame_rate(self):
-        return 100.0
-
-    def load(self):
-        pass
-
-    def extract_one(self, utt):
-        y, _ = sf.read(utt.audio.path, dtype="float32")
-        fr = y[: len(y) // 160 * 160].reshape(-1, 160)
-        feats = np.stack([fr.mean(1), fr.std(1), np.abs(fr).max(1)], 1).astype(np.float32)
-        return base.Output(feats, fr.std(1) > 1e-4)
+    masked = True
 
 
 def _corpus(d: Path, dataset: str, n: int = N) -> Path:

@@ -17,33 +17,16 @@ from manifests.schema import Media, Utterance, write_manifest
 from pipeline.cli import main
 from pipeline.store import FeatureStore, StoreDamaged, store_path
 from pipeline.store_integrity import CHUNK_RECORD, StoreChecks
+from stage_helpers import RmsStage
 
 SPEC = "test-scan-rms"
 
 
 @base.register
-class _Rms(base.Extractor):
+class _Rms(RmsStage):
     """Test-only audio stage: per 10 ms frame [mean, std, peak]."""
 
     name = SPEC
-    modality = "audio"
-    batch_size = 2
-
-    @property
-    def dim(self):
-        return 3
-
-    @property
-    def frame_rate(self):
-        return 100.0
-
-    def load(self):
-        pass
-
-    def extract_one(self, utt):
-        y, _ = sf.read(utt.audio.path, dtype="float32")
-        fr = y[: len(y) // 160 * 160].reshape(-1, 160)
-        return base.Output(np.stack([fr.mean(1), fr.std(1), np.abs(fr).max(1)], 1).astype(np.float32))
 
 
 def _age(path: Path, seconds: float = 60) -> None:
