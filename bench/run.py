@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import io
 import runpy
+import shlex
 import sys
 import time
 from contextlib import redirect_stdout
@@ -41,6 +42,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("benches", nargs="*", help="bench names (bench_NAME.py); default: all")
     p.add_argument("--docs", metavar="FILE", help="paste each bench's output into block bench-NAME of FILE")
+    p.add_argument("--bench-args", default="", metavar="ARGS",
+                   help="arguments for the benches run (e.g. '--batches 0'); default: each bench's own defaults")
     args = p.parse_args(argv)
     if args.docs and not Path(args.docs).is_file():
         print(f"bench/run.py: --docs {args.docs}: no such Markdown file", file=sys.stderr)
@@ -55,7 +58,7 @@ def main(argv=None) -> int:
         name = script.stem.removeprefix("bench_")
         print(f"== bench {name}", flush=True)
         t = time.perf_counter()
-        sys.argv = [str(script)]  # each bench parses its own (default) arguments, not the selection
+        sys.argv = [str(script), *shlex.split(args.bench_args)]  # not the selection: the bench's own
         tee = _Tee(sys.stdout)
         with redirect_stdout(tee):
             runpy.run_path(str(script), run_name="__main__")
@@ -65,7 +68,8 @@ def main(argv=None) -> int:
             from pipeline.provenance import paste_block
 
             text = "```text\n" + tee.kept.getvalue().strip() + "\n```"
-            paste_block(args.docs, f"bench-{name}", text, f"python bench/run.py {name}", wall)
+            cmd = f"python bench/run.py {name}" + (f" --bench-args {shlex.quote(args.bench_args)}" if args.bench_args else "")
+            paste_block(args.docs, f"bench-{name}", text, cmd, wall)
     return 0
 
 

@@ -38,3 +38,14 @@ def test_bad_arguments_are_one_line(tmp_path, monkeypatch, capsys):
     assert "no bench named nosuch" in capsys.readouterr().err
     assert run.main(["fake", "--docs", str(tmp_path / "missing.md")]) == 2
     assert "no such Markdown file" in capsys.readouterr().err
+
+
+def test_bench_args_reach_the_bench_and_its_provenance(tmp_path, monkeypatch):
+    run = _runner()
+    (tmp_path / "bench_fake.py").write_text("import sys\nprint(sys.argv[1:])\n")
+    page = tmp_path / "perf.md"
+    page.write_text("<!-- report:bench-fake -->\n<!-- /report -->\n")
+    monkeypatch.setattr(run, "here", tmp_path)
+    assert run.main(["fake", "--docs", str(page), "--bench-args", "--batches 0"]) == 0
+    text = page.read_text()
+    assert "['--batches', '0']" in text and "`python bench/run.py fake --bench-args '--batches 0'`" in text
