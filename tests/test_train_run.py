@@ -349,3 +349,18 @@ def test_a_damaged_predictions_file_is_retested_not_lost(data, tmp_path):
     again = dict(np.load(job / "predictions.npz"))
     assert set(again) == set(good) and all(np.array_equal(good[k], again[k]) for k in good)
     assert (job / "best.pt").stat().st_mtime_ns == stamp  # retested, not retrained
+
+
+def test_a_change_of_training_numerics_makes_every_model_stale(monkeypatch):
+    """Models trained before a numerics change (even at rounding level) are never reused after it."""
+    import train.run as R
+    from train.config import load_config
+    from train.synthetic import synthetic_data, synthetic_folds
+
+    data = synthetic_data(n=12, seed=1)
+    fold = synthetic_folds(data, 2)[0]
+    cfg = load_config("baseline", "demo")
+    before = R.fold_signature(cfg, data, fold, 0)
+    assert R.fold_signature(cfg, data, fold, 0) == before
+    monkeypatch.setattr(R, "NUMERICS", R.NUMERICS + 1)
+    assert R.fold_signature(cfg, data, fold, 0) != before

@@ -56,10 +56,18 @@ def eval_columns(cfg: dict) -> list[str]:
     return [protocols.normalise(c) for c in cfg.get("eval", {}).get("conditions", ["avt"])]
 
 
+# Bumped by any change that moves trained numbers, rounding-level ones included (a fused optimiser,
+# another kernel): training is chaotic, so a 1e-7 change in one gradient moves a demo fold's UA by
+# points, and a run or comparison must never mix models from before and after such a change.
+# 2: fused optimisers and length-grouped encoders (commit 0093870).
+NUMERICS = 2
+
+
 def fold_signature(cfg: dict, data: MultimodalData, fold, seed: int) -> str:
-    """What a fold x seed model depends on: config (minus descriptive keys), data, split, seed."""
+    """What a fold x seed model depends on: config (minus descriptive keys), data, split, seed, and
+    the version of the training numerics (``NUMERICS``)."""
     c = {k: v for k, v in cfg.items() if k not in DESCRIPTIVE}
-    return config_hash({"cfg": c, "data": data.signature, "seed": int(seed),
+    return config_hash({"cfg": c, "data": data.signature, "seed": int(seed), "numerics": NUMERICS,
                         "fold": [fold.name, _ids_hash(fold.train), _ids_hash(fold.val), _ids_hash(fold.test)]}, 20)
 
 
