@@ -25,8 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -179,18 +177,10 @@ def markdown(result: dict) -> str:
 
 
 def provenance(argv) -> dict:
-    root = Path(__file__).resolve().parent.parent
-    git = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-    dirty = subprocess.run(["git", "--no-optional-locks", "-C", str(root), "status", "--porcelain",  # read only
-                            "--untracked-files=no"], capture_output=True, text=True)
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    commit = (git.stdout.strip() or "unknown") + (" (+ local changes)" if dirty.stdout.strip() else "")
-    return {"command": " ".join(argv), "commit": commit, "cpu": cpu, "cores": os.cpu_count(),
+    """Where the counts came from (the shared ``pipeline.provenance``, as every pasted table)."""
+    from pipeline.provenance import commit, machine
+
+    return {"command": " ".join(argv), "commit": commit(), "machine": machine(),
             "torch_threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 
@@ -212,7 +202,7 @@ def main() -> None:
     print()
     print(f"The recomputed ensemble outputs differ from the run's predictions.npz by at most "
           f"{result['max_abs_diff_vs_predictions']:.2e}.")
-    print(f"Command: `{prov['command']}`; commit {prov['commit']}; CPU {prov['cpu']} ({prov['cores']} cores), "
+    print(f"Command: `{prov['command']}`; commit {prov['commit']}; {prov['machine']}, "
           f"{prov['torch_threads']} torch thread(s); {prov['date']}; {prov['wall_s']} s.")
     if args.json:
         Path(args.json).write_text(json.dumps({**result, "provenance": prov}, indent=2))
