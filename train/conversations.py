@@ -155,8 +155,10 @@ def layout_fields(data, convs: list[np.ndarray]) -> dict:
 
 def batches(data, idx, n_conversations: int, normalizer=None, rng=None):
     """Collated batches of whole conversations (``MultimodalData.batches(unit="conversation")``)."""
-    for convs in batch_rows(data, idx, n_conversations, rng):
-        batch = data.collate(np.concatenate(convs), normalizer)
+    from train.streaming import collated  # the utterance batches' path: a streamed store reads ahead
+
+    groups = list(batch_rows(data, idx, n_conversations, rng))
+    for convs, batch in zip(groups, collated(data, [np.concatenate(c) for c in groups], normalizer)):
         batch.update(layout_fields(data, convs))
         yield batch
 
