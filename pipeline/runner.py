@@ -76,8 +76,6 @@ def parse_specs(text: str) -> list[dict]:
     """``"a,b:k=v,k2=v2,c"`` -> [{"name": "a", "params": {}}, {"name": "b", "params": {k, k2}}, ...].
     A comma-separated ``key=value`` without a colon belongs to the extractor before it; values are
     YAML scalars (``64`` -> int, ``true`` -> bool, ``null`` -> None)."""
-    import yaml
-
     out: list[dict] = []
     for tok in (t.strip() for t in text.split(",")):
         if not tok:
@@ -95,6 +93,8 @@ def parse_specs(text: str) -> list[dict]:
         k, eq, v = kv.partition("=")
         if not eq or not k.strip():
             raise ValueError(f"--extractors {text!r}: {kv!r} is not key=value")
+        import yaml  # here: a no-op `imer features` rerun pays for no import it does not use
+
         out[-1]["params"][k.strip()] = yaml.safe_load(v) if v.strip() else ""
     return out
 
@@ -406,8 +406,6 @@ def run_features(manifest: Manifest, extractors: list[Extractor], *, workers: in
     utterance's checksum too; ``imer store verify`` reads everything.) Two runs on the same store at once
     split the batches between them (per-batch claims). ``stores`` replaces ``<cache>/stores`` (imer
     predict's throw-away stores: nothing is written to the shared cache)."""
-    from tqdm.auto import tqdm
-
     summaries: list[Summary] = []
     unavailable: dict[str, str] = {}
     cluster = Cluster(workers, scheduler, processes) if (workers > 1 or scheduler) else None
@@ -430,7 +428,7 @@ def run_features(manifest: Manifest, extractors: list[Extractor], *, workers: in
                 continue
             store = FeatureStore.open(path) if (path / "zarr.json").is_file() else None
             # the planning scan reads only chunks changed since written or verified (``repair``: all)
-            damaged = {} if store is None else store.damaged() if repair else store.damaged_changed()
+            damaged = {} if store is None else store.damaged() if repair else store.damaged_changed(refresh=False)
             if damaged and not repair:
                 raise StoreDamaged(_damage_message(path, damaged), damaged)
             todo, summ.cached, summ.failed_before, summ.no_source = plan(ext, manifest, store, retry_failed,
@@ -451,6 +449,8 @@ def run_features(manifest: Manifest, extractors: list[Extractor], *, workers: in
                     if store is None:
                         store = FeatureStore.open_or_create(path, dim=_dim(ext), attrs=store_attrs(ext, manifest.dataset),
                                                             dtype=dtype)
+                    from tqdm.auto import tqdm  # only with work to do: a no-op rerun stays fast
+
                     with tqdm(total=len(todo), desc=ext.name, unit="utt", disable=not progress,
                               file=sys.stderr) as bar:
                         _run_stage(ext, store, todo, summ, cluster, bar, positions, set(damaged), retry_failed)

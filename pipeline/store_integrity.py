@@ -100,10 +100,12 @@ class StoreChecks:
             self._record_chunks(now)
         return out
 
-    def damaged_changed(self) -> dict[str, str]:
+    def damaged_changed(self, refresh: bool = True) -> dict[str, str]:
         """What :meth:`damaged` finds, reading only the chunks whose file changed since the chunk
-        record (size, mtime; missing; unrecorded) and the utterances over them: the planning scan."""
-        self.refresh()
+        record (size, mtime; missing; unrecorded) and the utterances over them: the planning scan.
+        ``refresh=False`` trusts the index read when the store was just opened."""
+        if refresh:
+            self.refresh()
         rec, now = self._read_record(), self._chunk_stats()
         try:  # a chunk written within RACY_NS of the record may have changed in the same mtime tick
             racy = os.stat(self._record_path()).st_mtime_ns - RACY_NS
