@@ -16,6 +16,11 @@ Layout of ``results/<dataset>/<method>/<run-id>/``::
 Rerunning the same command resumes an unfinished run with the same config and data: finished
 fold x seed pairs are kept, an interrupted one continues from its last finished epoch. After the
 run has finished, it returns that run (its table) and writes nothing.
+
+This module holds the fold x seed models (``Experiment``, ``fold_signature``) and ``run_experiment``;
+the whole run's jobs live in :mod:`train.run_jobs`, run folders in :mod:`train.run_dirs`, the
+dataset-level entry point (``train_method``, ``ensure_stores``, ``build_data``) in
+:mod:`train.run_entry`.
 """
 
 from __future__ import annotations
@@ -24,36 +29,29 @@ import io
 import json
 import os
 import shutil
-import sys
 import time
-import zipfile
 from pathlib import Path
 
 import numpy as np
-import yaml
 
 from pipeline.cache import config_hash
 from pipeline.device import torch_threads
-from pipeline.fsutil import Busy, atomic_write_bytes, atomic_write_json, atomic_write_text, process_lock, safe_name
+from pipeline.fsutil import Busy, atomic_write_bytes, process_lock, safe_name
 from train import metrics, protocols
-from train.config import DESCRIPTIVE, ConfigError, by_scope, check_chain, check_overrides, for_chain, load_config
-from train.config import with_prerequisites
+from train.config import DESCRIPTIVE, ConfigError, check_chain, with_prerequisites
 from train.data import MultimodalData, Normalizer
-from train.results import ids_hash, listed, seal, unsealed, write_run_outputs
-
-
-def results_root(root: str | Path | None = None) -> Path:
-    """``root``, else ``$IMER_RESULTS``, else ``./results``."""
-    return Path(root or os.environ.get("IMER_RESULTS") or "results").expanduser()
+from train.results import ids_hash, seal, unsealed
+from train.run_dirs import _damaged, _finished, _pick_run_dir, _write_json, read_predictions, results_root
+from train.run_jobs import RunJobs, eval_columns
+# public names of train.run that live in the modules below (callers and tests import them from here;
+# ``imer train`` looks train_method up here at call time, so patching train.run.train_method works)
+from train.run_dirs import find_run, newest_complete, read_runs  # noqa: F401
+from train.run_entry import (build_data, cpu_threads, ensure_stores, prerequisite_overrides,  # noqa: F401
+                             store_description, train_method)
 
 
 def _ids_hash(ids) -> str:
     return config_hash(sorted(ids), 16)
-
-
-def eval_columns(cfg: dict) -> list[str]:
-    """The test columns of a config (``eval.conditions``), normalised (see train.protocols)."""
-    return [protocols.normalise(c) for c in cfg.get("eval", {}).get("conditions", ["avt"])]
 
 
 # Bumped by any change that moves trained numbers, rounding-level ones included (a fused optimiser,
@@ -105,7 +103,7 @@ def parse_seeds(seeds) -> list[int] | None:
     return out
 
 
-class Experiment:
+class Experiment(RunJobs):
     """One run directory: trains the selected folds x seeds of one config, with prerequisites."""
 
     def __init__(self, data: MultimodalData, folds: list, cfg: dict, run_dir: Path, *, dataset: str,
@@ -260,189 +258,6 @@ class Experiment:
         method, _, _ = load_checkpoint(pdir / "best.pt", self.device)
         return method
 
-    # -- the whole run ------------------------------------------------------------------------------
-    def start(self, seeds: list[int], meta: dict) -> dict:
-        """Write config.yaml and run.json (status running); returns run.json's content."""
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.run_dir / "config.yaml", yaml.safe_dump(self.cfg, sort_keys=False))
-        meta = {**meta, "status": "running", "started": meta.get("started") or time.strftime("%Y-%m-%dT%H:%M:%S"),
-                "folds": [f.name for f in self.folds], "seeds": seeds, "device": self._device,
-                "task": self.data.task, "labels": self.data.labels, "dims": self.data.spec.dims,
-                "data_signature": self.data.signature, "n_utterances": len(self.data)}
-        meta.pop("error", None)
-        _write_json(self.run_dir / "run.json", meta)
-        return meta
-
-    def run(self, seeds: list[int], meta: dict, started: bool = False) -> str:
-        """Train every fold x seed (``started``: ``meta`` is what ``start`` wrote); an error marks
-        the run failed in run.json (a rerun resumes it), an interruption leaves it running."""
-        meta = meta if started else self.start(seeds, meta)
-        try:
-            return self._run(seeds, meta)
-        except Exception as e:
-            meta.update(status="failed", error=f"{type(e).__name__}: {e}", finished=time.strftime("%Y-%m-%dT%H:%M:%S"))
-            _write_json(self.run_dir / "run.json", meta)
-            raise
-
-    def _run(self, seeds: list[int], meta: dict) -> str:
-        t0 = time.perf_counter()
-        pairs = [(fold, seed) for fold in self.folds for seed in seeds]
-        outs = {(f.name, s): self.run_dir / "folds" / safe_name(f.name) / f"seed{s}" for f, s in pairs}
-        done = lambda fold, seed, res: self.log(  # noqa: E731
-            f"{self.cfg['name']} fold {fold.name} seed {seed}: best epoch {res['best_epoch']} "
-            f"(val {res['select_metric']} {res['val_score']:.4f}); {_test_line(res, self.cfg)}  [{res['time_s']:.0f} s]")
-        if self.workers > 1 and len(pairs) > 1:
-            self._run_parallel(pairs, outs, done)
-        else:
-            for fold, seed in pairs:
-                done(fold, seed, self.run_fold(self.cfg, fold, seed, outs[fold.name, seed]))
-        table = write_run_outputs(self.run_dir, self.cfg, meta)
-        meta.update(device=self._device, status="complete", finished=time.strftime("%Y-%m-%dT%H:%M:%S"),
-                    wall_s=meta.get("wall_s", 0) + time.perf_counter() - t0)
-        _write_json(self.run_dir / "run.json", meta)
-        return table
-
-
-    def _run_parallel(self, pairs, outs, done) -> None:
-        """Every fold x seed as a task on dask worker processes (one torch thread each): the same
-        computation as in sequence, so the same numbers, in about 1/workers of the wall time. On
-        CUDA the workers are GPU slots (``pipeline.cluster``): jobs per GPU as the cluster says,
-        else measured from this config's memory (``train.job_memory``)."""
-        import copy
-
-        from dask.distributed import as_completed
-        from tqdm.auto import tqdm
-
-        from pipeline.cluster import Cluster
-
-        cluster = self.cluster or Cluster(min(self.workers, len(pairs)), device=self.device)
-        try:
-            if cluster.on_gpu and cluster.jobs_per_gpu is None and cluster.client is None:
-                from pipeline.device import gpu_count, gpu_ids
-                from train import job_memory
-
-                gpus = len(gpu_ids(cluster.device, gpu_count()))
-                cluster.jobs_per_gpu = job_memory.choose([self.cfg], lambda _cfg: self.data, pairs[0][0], gpus, self.log)
-            client = cluster.get()
-            resources = cluster.task_resources()
-            worker = copy.copy(self)
-            worker.progress, worker.log, worker.cluster, worker.workers, worker.threads = False, _quiet, None, 1, 1
-            remote = client.scatter(worker, broadcast=True)  # the data travels once per worker
-            futs = {client.submit(_fold_task, remote, f.name, s, outs[f.name, s], pure=False, resources=resources): (f, s)
-                    for f, s in pairs}
-            bar = tqdm(total=len(pairs), desc=f"{self.cfg['name']} folds x seeds", disable=not self.progress)
-            for fut in as_completed(futs):
-                done(*futs[fut], fut.result())
-                bar.update(1)
-            bar.close()
-        finally:
-            if cluster is not self.cluster:
-                cluster.close()
-
-
-def _quiet(*_a, **_k) -> None:
-    pass
-
-
-def _fold_task(exp: "Experiment", fold_name: str, seed: int, out: Path) -> dict:
-    from pipeline.device import worker_device
-
-    exp._device = worker_device(exp.device)  # a worker pinned to a GPU sees it as `cuda`
-    fold = next(f for f in exp.folds if f.name == fold_name)
-    with torch_threads(exp.device, 1):
-        return exp.run_fold(exp.cfg, fold, seed, out)
-
-
-def _test_line(res: dict, cfg: dict) -> str:
-    """'test UA average 0.71, {a,v,t} 0.85' style summary of one fold x seed result."""
-    cols = eval_columns(cfg)
-    t = {c: res["test"][c] for c in cols if c in res["test"]}
-    some = next(iter(t.values()), {})
-    metric = res["select_metric"] if res["select_metric"] in some else ("ua" if "ua" in some else "mae")
-    parts = []
-    for _, group in protocols.groups(cols):
-        for c in group:
-            if c in protocols.AVERAGE.values():
-                vals = [t[k][metric] for k in protocols.average_members(c, cols) if k in t]
-                if vals:
-                    parts.append(f"{protocols.title(c, cols)} {np.mean(vals):.4f}")
-            elif c == "avt" or len(group) <= 2:
-                parts.append(f"{protocols.title(c)} {t[c][metric]:.4f}")
-    return f"test {metric} " + ", ".join(parts)
-
-
-def read_predictions(path: Path) -> dict | None:
-    """The arrays of a fold's ``predictions.npz``: {} when there is none, None when it is damaged
-    (a truncated or foreign file: the fold's test columns are then computed again)."""
-    if not path.is_file():
-        return {}
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            return {k: z[k] for k in z.files}
-    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile):
-        return None
-
-
-def _finished(d: Path, sig: str) -> bool:
-    r = d / "result.json"
-    if not (r.is_file() and (d / "best.pt").is_file()) or _damaged(d) not in (None, "predictions.npz"):
-        return False
-    return json.loads(r.read_text()).get("signature") == sig
-
-
-def _damaged(d: Path) -> str | None:
-    """The file of a fold folder's result that is truncated or differs from the checksums its
-    result.json records (``train.results.seal``), None when all agree or there is no result."""
-    r = d / "result.json"
-    if not r.is_file():
-        return None
-    try:
-        res = json.loads(r.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        return "result.json"
-    return unsealed(d, res) if isinstance(res, dict) else "result.json"
-
-
-def _write_json(path: Path, obj) -> None:
-    atomic_write_json(path, obj, default=str)
-
-
-def read_runs(root: Path, pattern: str = "*/run.json"):
-    """(run directory, its run.json) for every readable run under ``root``, in path order; a
-    half-written or damaged run.json is skipped."""
-    for p in sorted(Path(root).glob(pattern)):
-        try:
-            yield p.parent, json.loads(p.read_text())
-        except (OSError, json.JSONDecodeError):
-            continue
-
-
-def newest_complete(runs) -> Path | None:
-    """The newest complete run of ``read_runs`` output, by finishing time then run id."""
-    done = [(meta.get("finished") or "", d.name, d) for d, meta in runs if meta.get("status") == "complete"]
-    return max(done)[2] if done else None
-
-
-def find_run(method_dir: Path, match: dict, complete: bool = False) -> Path | None:
-    """The newest unfinished (``complete``: complete) run in ``method_dir`` whose run.json agrees
-    with ``match``."""
-    for d, meta in reversed(list(read_runs(method_dir))):
-        if (meta.get("status") == "complete") == complete and all(meta.get(k) == v for k, v in match.items()):
-            return d
-    return None
-
-
-def _finished_table(run_dir: Path | None, n_pairs: int) -> str | None:
-    """The table of a complete run whose ``n_pairs`` fold x seed results are all still there, else None."""
-    if run_dir is None or not (run_dir / "table.md").is_file():
-        return None
-    jobs = listed(run_dir, "result.json")
-    if len(jobs) != n_pairs or any(_damaged(d) for d in jobs):  # a damaged fold is recomputed
-        return None
-    text = (run_dir / "table.md").read_text()
-    start = text.find("\n|")  # the tables close table.md (see write_run_outputs)
-    return text[start + 1:].rstrip("\n") if start >= 0 else None
-
 
 def run_experiment(data: MultimodalData, folds: list, cfg: dict, *, dataset: str, fold_select=None,
                    seeds=None, device: str = "cpu", results_dir: str | Path | None = None,
@@ -494,132 +309,3 @@ def run_experiment(data: MultimodalData, folds: list, cfg: dict, *, dataset: str
 
 class RunInProgress(ConfigError):
     """The run folder a command would train in is locked by another process (``process_lock``)."""
-
-
-def _pick_run_dir(method_dir, match, cfg, folds, seeds, dataset, run_id, resume, log):
-    """(run folder, line to log once it is locked): ``run_id``'s folder, else the unfinished one of
-    the same command, else a complete one with a damaged fold (recomputed there), else a new one;
-    the line is None when the same command's run is complete (its table logged)."""
-    if run_id:
-        return method_dir / safe_name(run_id), ""
-    if resume:
-        run_dir = find_run(method_dir, match)
-        if run_dir is not None:
-            return run_dir, f"resuming {run_dir}"
-        # the same command after it finished: nothing to do, and no copy of the run folder
-        done = find_run(method_dir, match, complete=True)
-        table = _finished_table(done, len(folds) * len(seeds))
-        if table is not None:
-            log(f"{cfg['name']}: already complete in {done} (--fresh for a new run folder)")
-            log(f"\n{cfg['name']} on {dataset} — {done}\n{table}")
-            return done, None
-        if done is not None and any(_damaged(d) for d in listed(done, "result.json")):
-            return done, f"resuming {done}: a fold's output is damaged or was edited"
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    run_dir = method_dir / f"{stamp}-{match['config_hash'][:6]}"
-    k = 1
-    while run_dir.exists():
-        k += 1
-        run_dir = method_dir / f"{stamp}-{match['config_hash'][:6]}-{k}"
-    return run_dir, ""
-
-
-# ---- the dataset-level entry point -----------------------------------------------------------------
-
-def ensure_stores(dataset: str, cfg: dict, device: str, data_root=None, manifest=None, workers: int = 1) -> dict:
-    """{modality: FeatureStore} for the config's features, extracting whatever is missing (on
-    ``workers`` processes). A dataset made by `imer import-features` trains on its imported stores
-    (no media, no extraction)."""
-    from manifests.importers import open_imported
-
-    imported = open_imported(dataset)
-    if imported is not None:
-        return imported
-    try:
-        from pipeline.runner import ensure_features
-    except ImportError as e:
-        raise SystemExit(f"imer train: the feature stage runner is not available ({e}); "
-                         "run `imer features` first or install the full toolkit") from None
-    kw = {"device": device, "data_root": data_root, "workers": workers}
-    if cfg.get("data", {}).get("store_dtype", "float32") != "float32":  # float16: the -f16 stores
-        kw["dtype"] = cfg["data"]["store_dtype"]
-    if manifest:
-        kw["manifest"] = manifest
-    return ensure_features(dataset, cfg["features"], **kw)
-
-
-def store_description(stores: dict) -> dict:
-    """What the run records about each store: enough to rebuild its extractor for ``imer predict``."""
-    out = {}
-    for mod, s in stores.items():
-        a = getattr(s, "attrs", None)
-        a = dict(a() if callable(a) else a or {})
-        out[mod] = {k: a.get(k) for k in ("name", "params", "key", "dim", "frame_rate", "modality", "version", "requires", "format")
-                    if k in a}
-        if getattr(s, "path", None) is not None:
-            out[mod]["path"] = str(s.path)
-    return out
-
-
-def build_data(manifest, stores: dict, cfg: dict) -> MultimodalData:
-    d = cfg.get("data", {})
-    if d.get("invalid_frames", "drop") not in ("drop", "zero"):
-        raise ConfigError(f"data.invalid_frames must be drop or zero, got {d['invalid_frames']!r}")
-    from train.streaming import parse_bytes  # data.memory_budget: above it a store is streamed per batch
-
-    budget = parse_bytes(d["memory_budget"]) if d.get("memory_budget") is not None else None
-    return MultimodalData.from_stores(manifest, stores, invalid_frames=d.get("invalid_frames", "drop"), memory_budget=budget,
-                                      max_len=d.get("max_len"), fixed_len=bool(d.get("fixed_len")),
-                                      resample_to=d.get("resample_to"), target=d.get("target"))
-
-
-def train_method(dataset: str, method: str, folds=None, seeds=None, device: str = "auto", *,
-                 data_root=None, manifest=None, protocol: str | None = None, results_dir=None,
-                 run_id: str | None = None, overrides: dict | None = None,
-                 prereq_overrides: dict | None = None, resume: bool = True, progress: bool = True,
-                 threads: int | None = None, log=print, workers: int = 1, cluster=None) -> Path:
-    """Extract what is missing, train ``method`` on every fold x seed of ``dataset``, evaluate every
-    condition and write ``results/<dataset>/<method>/<run-id>/``; returns that directory. On CPU,
-    training uses ``threads`` torch threads (default 1, see ``cpu_threads``); ``workers`` > 1 trains
-    the folds x seeds in that many worker processes of one thread each (``cluster``: one to share).
-    ``overrides``: plain keys change ``method`` (``features.*``, ``data.*`` the whole chain),
-    ``CONFIG:KEY`` the config of that name in its chain, ``*:KEY`` all (train.config);
-    ``prereq_overrides`` ({config | "*": {key: value}}) change the prerequisites only ("*": every
-    one). The command line also refuses plain keys a prerequisite reads (``check_overrides``)."""
-    from manifests.datasets import manifest_and_folds
-    from pipeline.device import resolve_device
-
-    cfg = with_prerequisites(load_config(method, dataset, overrides), dataset, prereq_overrides)
-    check_overrides([cfg], overrides, plain_everywhere=True)  # a CONFIG: outside the chain is a typo
-    check_chain(cfg)  # before any feature is extracted
-    dev = device if device == "auto" else resolve_device(device)  # auto: resolved when a fold has work
-    man, proto, fold_list = manifest_and_folds(dataset, data_root, manifest,
-                                               protocol or cfg.get("fold_protocol"))  # CLI, else the config's
-    stores = ensure_stores(dataset, cfg, dev, None, manifest, workers=workers)  # the manifest built above
-    data = build_data(man, stores, cfg)
-    meta = {"protocol": proto, "features": store_description(stores),
-            "manifest": str(man.path) if man.path else None, "argv": sys.argv, "overrides": for_chain(cfg, overrides)}
-    if prereq_overrides:
-        meta["prereq_overrides"] = prereq_overrides
-    return run_experiment(data, fold_list, cfg, dataset=dataset, fold_select=folds, seeds=seeds, device=dev,
-                          results_dir=results_dir, run_id=run_id, resume=resume, meta=meta, progress=progress,
-                          log=log, workers=workers, cluster=cluster, threads=threads)
-
-
-def prerequisite_overrides(overrides: dict | None, per_prereq: dict | None = None) -> dict:
-    """What of flat ``--set`` ``overrides`` reaches the prerequisites, as {"*" | config: {key:
-    value}}: ``features.*``, ``data.*`` and ``*:KEY`` reach every one ("*"), ``CONFIG:KEY`` the
-    config named; other plain keys stay with the method. ``per_prereq`` is merged in."""
-    scoped = by_scope(overrides)
-    out = {"*": {**{k: v for k, v in scoped.get(None, {}).items() if k.split(".")[0] in ("features", "data")},
-                 **scoped.get("*", {})}}
-    for c, o in [*((c, o) for c, o in scoped.items() if c not in (None, "*")), *(per_prereq or {}).items()]:
-        out[c] = {**out.get(c, {}), **o}
-    return out
-
-
-def cpu_threads(device: str, n: int | None = None):
-    """Torch intra-op threads while training on CPU: ``n``, default 1 (restored afterwards); these
-    small recurrent nets gain little from more threads (see pipeline.device.torch_threads)."""
-    return torch_threads(device, int(n or 1))
-
