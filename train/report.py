@@ -187,12 +187,9 @@ def _group_rows(members: dict[str, Path]):
 def update_block(path, block: str, text: str) -> None:
     """Replace the lines between ``<!-- report:<block> -->`` and ``<!-- /report -->`` in the
     Markdown file ``path`` with ``text``: README tables are pasted by this, never by hand."""
-    p = Path(path)
-    doc = p.read_text()
-    start, end = f"<!-- report:{block} -->", "<!-- /report -->"
-    i = doc.find(start)
-    j = doc.find(end, i + len(start)) if i >= 0 else -1
-    if i < 0 or j < 0:
-        raise ReportError(f"{p}: no '{start}' ... '{end}' block to update; add the two marker lines where "
-                          "the table belongs")
-    atomic_write_text(p, doc[: i + len(start)] + "\n" + text.rstrip() + "\n" + doc[j:])
+    from pipeline.provenance import replace_block
+
+    try:
+        replace_block(path, block, text)
+    except ValueError as e:
+        raise ReportError(str(e)) from None
