@@ -8,8 +8,6 @@ modalities (not a sample left with none, possible when natural absence meets a c
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pytest
 import torch
@@ -19,6 +17,8 @@ from train.config import load_config
 from train.data import MultimodalData
 from train.methods import build
 from train.methods.emmr_nets import SUBSET_NAMES, Judge, Layout
+
+from test_emmr_reference import judge_ref  # Eqs. 8-9 written out, shared with the reference tests
 
 ORDER = ("v", "a", "t")  # X = [E_v; E_a; E_t] (Eq. 2)
 LENS = {"v": 3, "a": 4, "t": 3}
@@ -36,25 +36,6 @@ def _positions():
     return out
 
 
-def judge_reference(judge, seq, slots, subset, pos_of):
-    """L_S for one sample, written out: multi-head attention whose queries and keys are the slots of
-    S's modalities, the output projection, the mean over S's modalities (with a slot) of each one's
-    mean over its slots, the FC."""
-    pos = [t for m in ORDER if m in subset for t in pos_of[m] if slots[t]]
-    h = seq[pos]
-    d, heads = h.shape[1], judge.heads
-    dh = d // heads
-    qkv = h @ judge.qkv.weight.T + judge.qkv.bias
-    q, k, v = qkv[:, :d], qkv[:, d:2 * d], qkv[:, 2 * d:]
-    att = torch.cat([torch.softmax(q[:, i * dh:(i + 1) * dh] @ k[:, i * dh:(i + 1) * dh].T / math.sqrt(dh), -1)
-                     @ v[:, i * dh:(i + 1) * dh] for i in range(heads)], 1)
-    att = att @ judge.out.weight.T + judge.out.bias
-    rows = dict(zip(pos, att))
-    means = [torch.stack([rows[t] for t in pos_of[m] if slots[t]]).mean(0)
-             for m in ORDER if m in subset and any(slots[t] for t in pos_of[m])]
-    return torch.stack(means).mean(0) @ judge.fc.weight.T + judge.fc.bias
-
-
 def test_judge_attends_and_pools_over_each_subsets_slots_only():
     torch.manual_seed(0)
     judge = Judge(4, 2, 3, 0.0).eval()
@@ -70,11 +51,11 @@ def test_judge_attends_and_pools_over_each_subsets_slots_only():
         got = judge(seq, slots, Layout(LENS))
         for i in range(n):
             for k, s in enumerate(SUBSET_NAMES):
-                want = judge_reference(judge, seq[i], slots[i], s, pos_of)
+                want = judge_ref(judge, seq[i], slots[i], s, pos_of)
                 assert torch.allclose(got[i, k], want, atol=1e-5), (i, s)
         # the pin is sharp: reading the padding too would move the logits by far more than atol
         every = torch.ones(T, dtype=torch.bool)
-        off = max(float((judge_reference(judge, seq[i], every, "vat", pos_of) - got[i, SUBSET_NAMES.index("vat")])
+        off = max(float((judge_ref(judge, seq[i], every, "vat", pos_of) - got[i, SUBSET_NAMES.index("vat")])
                         .abs().max()) for i in range(n))
     assert off > 1e-2
 
@@ -127,7 +108,7 @@ def test_transformer_encoder_reads_valid_frames_decoder_every_slot(data):
     hooks = [mod.register_forward_pre_hook(keep(name), with_kwargs=True)
              for name, mod in (("enc", m.tf.enc_mha), ("dec", m.tf.dec_mha))]
     with torch.no_grad():
-        p = m.forward_parts(b)
+        m.forward_parts(b)
     for h in hooks:
         h.remove()
     present = torch.stack([b["present"][:, "avt".index(x)] for x in ORDER], 1)

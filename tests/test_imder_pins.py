@@ -16,7 +16,8 @@ from torch.nn import functional as F
 from train.conditions import MODALITIES, apply_availability
 from train.data import DataSpec
 from train.diffusion import VESDE, sample, sigma_schedule
-from train.methods import build
+
+from test_imder_reference import _model as reference_model  # the same tiny IMDer (D, K, SIGMA)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -26,15 +27,7 @@ AVAIL = np.array([[1, 0, 1], [0, 1, 1], [1, 1, 0], [1, 0, 0], [1, 1, 1]], bool)
 
 
 def _model():
-    torch.manual_seed(0)
-    cfg = {"method": "imder", "model": {
-        "proj": {"d": D, "kernel": K}, "backbone": {"heads": 2, "levels": 1, "mem_layers": 1},
-        "score": {"channels": [8, 16], "embed_dim": 16, "heads": 2, "attn_layers": 1},
-        "refine": {"blocks": 1, "reduction": 4}, "sigma": SIGMA,
-        "sampler": {p: {"kind": "em", "steps": 2, "t_end": 1e-3} for p in ("train", "val", "test")}}}
-    m = build(cfg, SPEC)
-    m.inherited.fill_(True)
-    return m
+    return reference_model(steps=2)
 
 
 def _batch():

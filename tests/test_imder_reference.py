@@ -35,13 +35,13 @@ def std_ref(t):
     return torch.sqrt((SIGMA ** (2 * t) - 1) / (2 * math.log(SIGMA)))
 
 
-def _model():
+def _model(steps: int = STEPS):
     torch.manual_seed(0)
     cfg = {"method": "imder", "model": {
         "proj": {"d": D, "kernel": K}, "backbone": {"heads": 2, "levels": 1, "mem_layers": 1},
         "score": {"channels": [8, 16], "embed_dim": 16, "heads": 2, "attn_layers": 1},
         "refine": {"blocks": 1, "reduction": 4}, "sigma": SIGMA,
-        "sampler": {p: {"kind": "em", "steps": STEPS, "t_end": 1e-3} for p in ("train", "val", "test")}}}
+        "sampler": {p: {"kind": "em", "steps": steps, "t_end": 1e-3} for p in ("train", "val", "test")}}}
     m = build(cfg, SPEC)
     m.inherited.fill_(True)
     return m
