@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import os
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -232,7 +233,7 @@ def _requires(job: Job, jobs: list[Job], dataset: str) -> list[Job]:
 def finish_runs(ctx: Context, methods: list[str], seeds: list[int], meta: dict) -> dict[str, Path]:
     """Write run.json and the run outputs of every compared method's run folder; {method: run dir}."""
     from train.results import write_run_outputs
-    from train.run import eval_columns, results_root
+    from train.run import eval_columns
 
     out = {}
     for m in methods:
@@ -299,13 +300,14 @@ def compare(dataset: str, methods=None, *, features: dict | None = None, overrid
     # two comparisons of the same runs (any method set: prerequisites are shared) would train the
     # same folds twice in the same folders: one at a time, the second says so in one line
     lock_path = results_root(results_dir) / safe_name(dataset) / "compare" / f".runs-{ctx.runs_id}.lock"
+    held = ExitStack()
     try:
-        lock = process_lock(lock_path).__enter__()
+        held.enter_context(process_lock(lock_path))
     except Busy as e:
         raise CompareInProgress(f"another imer compare (pid {e.pid or '?'}) is training these runs "
                                 f"({ctx.run_dir('<method>').name}); wait for it to finish, then run this command "
                                 "again: it reuses every finished job") from None
-    try:
+    with held:
         if data is None:  # extract what is missing once, here, before any worker reads the stores
             for m in methods:
                 ctx.data_for(ctx.config(m), workers if not scheduler else 1)
@@ -330,6 +332,4 @@ def compare(dataset: str, methods=None, *, features: dict | None = None, overrid
         atomic_write_json(out_dir / "compare.json", info, default=str)
         write_report(out_dir, runs, info, lambda m: ctx.data_for(ctx.config(m)), device)
         log(f"compare {cid}: {len(outcomes) - len(failed)} jobs done, {len(failed)} failed, {wall:.0f} s -> {out_dir}")
-    finally:
-        lock.__exit__(None, None, None)
     return out_dir
